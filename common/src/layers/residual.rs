@@ -1,0 +1,120 @@
+//! A residual block: `relu(branch(x) + shortcut(x))`.
+
+use super::relu::{relu_gate, relu_in_place};
+use super::{Layer, OpInfo, OpKind, Sequential, Slot, SlotMut, expect_grad, join};
+use crate::tensor::{Mode, Tensor, from_vec, into_vec};
+use crate::{Error, Result};
+
+/// `relu(branch(x) + shortcut(x))`, the shortcut being the identity when absent. The branch's
+/// layers are named directly under the block's name (`layer1.0.conv1`), the shortcut's under
+/// `shortcut` (`layer2.0.shortcut.conv`).
+pub struct Residual {
+    branch: Sequential,
+    shortcut: Option<Sequential>,
+    cache: Option<Tensor>,
+}
+
+impl Residual {
+    /// A block from its branch and optional projection shortcut.
+    pub fn new(branch: Sequential, shortcut: Option<Sequential>) -> Self {
+        Residual {
+            branch,
+            shortcut,
+            cache: None,
+        }
+    }
+}
+
+impl Layer for Residual {
+    fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
+        let s = match &mut self.shortcut {
+            Some(sc) => sc.forward(x.clone(), mode)?,
+            None => x.clone(),
+        };
+        let b = self.branch.forward(x, mode)?;
+        if b.shape() != s.shape() {
+            return Err(Error::shape("residual add", s.shape(), b.shape()));
+        }
+        let shape = b.shape().to_vec();
+        let mut v = into_vec(b);
+        for (a, c) in v.iter_mut().zip(s.iter()) {
+            *a += c;
+        }
+        relu_in_place(&mut v);
+        let out = from_vec(&shape, v)?;
+        if mode.caches() {
+            self.cache = Some(out.clone());
+        }
+        Ok(out)
+    }
+
+    fn backward(&mut self, grad: Tensor) -> Result<Tensor> {
+        let out = self
+            .cache
+            .take()
+            .ok_or_else(|| Error::NoForwardCache("residual".into()))?;
+        expect_grad("residual", &grad, out.shape())?;
+        let shape = out.shape().to_vec();
+        let mut g = into_vec(grad);
+        relu_gate(&mut g, out.as_slice().unwrap_or(&[]));
+        let g = from_vec(&shape, g)?;
+        let gs = match &mut self.shortcut {
+            Some(sc) => sc.backward(g.clone())?,
+            None => g.clone(),
+        };
+        let gb = self.branch.backward(g)?;
+        if gb.shape() != gs.shape() {
+            return Err(Error::shape("residual backward", gs.shape(), gb.shape()));
+        }
+        let shape = gb.shape().to_vec();
+        let mut v = into_vec(gb);
+        for (a, c) in v.iter_mut().zip(gs.iter()) {
+            *a += c;
+        }
+        from_vec(&shape, v)
+    }
+
+    fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, Slot<'_>)) {
+        self.branch.visit(prefix, f);
+        if let Some(sc) = &self.shortcut {
+            sc.visit(&join(prefix, "shortcut"), f);
+        }
+    }
+
+    fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, SlotMut<'_>)) {
+        self.branch.visit_mut(prefix, f);
+        if let Some(sc) = &mut self.shortcut {
+            sc.visit_mut(&join(prefix, "shortcut"), f);
+        }
+    }
+
+    fn trace(&self, prefix: &str, input: &[usize], ops: &mut Vec<OpInfo>) -> Result<Vec<usize>> {
+        let out = self.branch.trace(prefix, input, ops)?;
+        let s = match &self.shortcut {
+            Some(sc) => sc.trace(&join(prefix, "shortcut"), input, ops)?,
+            None => input.to_vec(),
+        };
+        if s != out {
+            return Err(Error::shape(prefix, s, out));
+        }
+        let n = out.iter().product();
+        ops.push(OpInfo {
+            name: join(prefix, "add"),
+            kind: OpKind::Add,
+            macs: 0,
+            weight: None,
+            input_elems: 2 * n,
+            output_elems: n,
+            cached_elems: n,
+        });
+        Ok(out)
+    }
+
+    fn clear_cache(&mut self) {
+        self.cache = None;
+        self.branch.clear_cache();
+        if let Some(sc) = &mut self.shortcut {
+            sc.clear_cache();
+        }
+    }
+}

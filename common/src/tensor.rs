@@ -1,0 +1,64 @@
+//! The activation type and the forward mode.
+//!
+//! Activations are dense `f32` arrays of dynamic rank: `[N, H, W, C]` (channels-last) for images
+//! and `[N, F]` for features. Dynamic rank keeps the [`crate::layers::Layer`] trait object-safe
+//! and costs nothing measurable next to the kernels.
+
+/// A dense activation or gradient tensor.
+pub type Tensor = ndarray::ArrayD<f32>;
+
+/// Whether a forward pass trains (batch statistics, dropout, caches for backward) or evaluates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Training: BatchNorm uses batch statistics and updates running statistics, dropout is
+    /// active, and layers keep what their backward pass needs.
+    Train,
+    /// Evaluation: BatchNorm uses running statistics; nothing is cached.
+    Eval,
+    /// BatchNorm re-estimation (FedTiny's adaptive BN selection): BatchNorm normalises with batch
+    /// statistics and updates its running statistics, nothing else changes and nothing is cached.
+    Calibrate,
+}
+
+impl Mode {
+    /// True when layers must keep what their backward pass needs.
+    pub fn caches(self) -> bool {
+        matches!(self, Mode::Train)
+    }
+}
+
+/// Builds a tensor from a shape and a vector, checking the length.
+pub fn from_vec(shape: &[usize], data: Vec<f32>) -> crate::Result<Tensor> {
+    let expected: usize = shape.iter().product();
+    if expected != data.len() {
+        return Err(crate::Error::shape(
+            "tensor",
+            format!("{expected} values for shape {shape:?}"),
+            data.len(),
+        ));
+    }
+    Tensor::from_shape_vec(ndarray::IxDyn(shape), data)
+        .map_err(|e| crate::Error::shape("tensor", shape, e.to_string()))
+}
+
+/// The values of a tensor as a contiguous slice, copying only if the layout is not standard.
+pub fn contiguous(t: Tensor) -> Tensor {
+    if t.is_standard_layout() {
+        t
+    } else {
+        t.as_standard_layout().into_owned()
+    }
+}
+
+/// Moves the values of a tensor out in standard (row-major) order, copying only when needed.
+pub fn into_vec(t: Tensor) -> Vec<f32> {
+    if t.is_standard_layout() {
+        let len = t.len();
+        let (v, offset) = t.into_raw_vec_and_offset();
+        if offset.unwrap_or(0) == 0 && v.len() == len {
+            return v;
+        }
+        return v.into_iter().skip(offset.unwrap_or(0)).take(len).collect();
+    }
+    t.iter().copied().collect()
+}

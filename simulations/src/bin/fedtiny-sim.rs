@@ -1,0 +1,351 @@
+//! `fedtiny-sim`: run fedtiny on one machine.
+//!
+//! - `fedtiny-sim train [CONFIG]`: centralized training (embedded default: the `cnn` on the
+//!   committed Fashion-MNIST sample), with a progress bar, per-epoch metrics and a run folder.
+//! - `fedtiny-sim bench`: training throughput of the models (median samples/s).
+//! - `fedtiny-sim data download --dir DIR`: fetch Fashion-MNIST, checksums verified.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use fedtiny_common::models::Arch;
+use fedtiny_common::optim::OptimizerConfig;
+use fedtiny_simulations::bench::{self, BenchOptions};
+use fedtiny_simulations::centralized::{self, EpochMetrics, Observer};
+use fedtiny_simulations::config::{CentralizedConfig, DatasetKind, resolve_data_dir};
+use fedtiny_simulations::datasets;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "fedtiny-sim", version, about = "Run fedtiny on one machine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Centralized training of one model on a whole dataset.
+    Train(TrainArgs),
+    /// Training throughput of the models on synthetic batches.
+    Bench(BenchArgs),
+    /// Dataset utilities.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// TOML config; without it the embedded default (cnn on the committed sample) runs.
+    config: Option<PathBuf>,
+    /// Override model.arch (cnn, vgg11, resnet18).
+    #[arg(long)]
+    model: Option<Arch>,
+    /// Override model.width.
+    #[arg(long)]
+    width: Option<f64>,
+    /// Override data.dir.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Download the dataset into the data directory if it is missing.
+    #[arg(long)]
+    download: bool,
+    /// Override train.epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Override train.batch_size.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Override the optimizer's learning rate.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Override seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override threads (0 = one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Override data.train_limit.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Override output.dir.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override output.name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Print the resolved config and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Models to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "cnn,vgg11,resnet18")]
+    models: Vec<Arch>,
+    /// Width multiplier of vgg11 and resnet18 (the cnn always runs at width 1).
+    #[arg(long, default_value_t = 0.25)]
+    width: f64,
+    /// Samples per step.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Kernel threads (0 = one per core).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Untimed warm-up steps per model.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed steps per repeat.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Repeats per model (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Reference throughput to compare with, as model=samples_per_sec (repeatable), e.g. the
+    /// PyTorch figure measured on the same machine.
+    #[arg(long = "reference", value_parser = parse_reference)]
+    references: Vec<(String, f64)>,
+    /// Folder to write bench.json and bench.md into.
+    #[arg(long, default_value = "runs/bench")]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Download Fashion-MNIST from its canonical source, verifying MD5 checksums.
+    Download {
+        /// Target folder.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Another base URL serving the same four files (a mirror).
+        #[arg(long)]
+        base_url: Option<String>,
+    },
+}
+
+fn parse_reference(s: &str) -> Result<(String, f64), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected model=samples_per_sec, got `{s}`"))?;
+    let v: f64 = v.parse().map_err(|e| format!("`{v}`: {e}"))?;
+    Ok((k.to_string(), v))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train(a) => train(a),
+        Command::Bench(a) => run_bench(a),
+        Command::Data(DataCommand::Download { dir, base_url }) => {
+            let mut p = download_progress();
+            use fedtiny_common::data::download::{
+                FASHION_MNIST_BASE_URL, FASHION_MNIST_FILES, download,
+            };
+            let base = base_url.as_deref().unwrap_or(FASHION_MNIST_BASE_URL);
+            let files = download(base, &FASHION_MNIST_FILES, &dir, &mut p)
+                .context("downloading Fashion-MNIST")?;
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn resolve_train_config(a: &TrainArgs) -> Result<CentralizedConfig> {
+    let mut cfg = match &a.config {
+        Some(p) => CentralizedConfig::from_file(p)?,
+        None => CentralizedConfig::embedded_default()?,
+    };
+    if let Some(v) = a.model {
+        cfg.model.arch = v;
+    }
+    if let Some(v) = a.width {
+        cfg.model.width = v;
+    }
+    if let Some(v) = &a.data_dir {
+        cfg.data.dir = v.clone();
+    }
+    if a.download {
+        cfg.data.download = true;
+    }
+    if let Some(v) = a.epochs {
+        cfg.train.epochs = v;
+    }
+    if let Some(v) = a.batch_size {
+        cfg.train.batch_size = v;
+    }
+    if let Some(lr) = a.lr {
+        match &mut cfg.train.optimizer {
+            OptimizerConfig::Sgd { lr: l, .. } | OptimizerConfig::Adam { lr: l, .. } => *l = lr,
+        }
+    }
+    if let Some(v) = a.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = a.threads {
+        cfg.threads = v;
+    }
+    if let Some(v) = a.train_limit {
+        cfg.data.train_limit = Some(v);
+    }
+    if let Some(v) = &a.out {
+        cfg.output.dir = v.clone();
+    }
+    if let Some(v) = &a.name {
+        cfg.output.name = Some(v.clone());
+    }
+    cfg.validate()
+        .context("invalid configuration after overrides")?;
+    Ok(cfg)
+}
+
+struct Progress {
+    bar: Option<ProgressBar>,
+    epochs: usize,
+}
+
+impl Observer for Progress {
+    fn epoch_start(&mut self, epoch: usize, samples: usize) {
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(samples as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "epoch {prefix} [{bar:30}] {pos}/{len} samples  {per_sec}  eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(format!("{epoch}/{}", self.epochs));
+            self.bar = Some(bar);
+        }
+    }
+
+    fn progress(&mut self, samples_done: usize) {
+        if let Some(b) = &self.bar {
+            b.set_position(samples_done as u64);
+        }
+    }
+
+    fn epoch_end(&mut self, m: &EpochMetrics) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        println!(
+            "epoch {:>3}/{}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}%  {:.0} samples/s  lr {:.2e}",
+            m.epoch,
+            self.epochs,
+            m.train_loss,
+            100.0 * m.train_accuracy,
+            m.test_loss,
+            100.0 * m.test_accuracy,
+            m.samples_per_sec,
+            m.lr
+        );
+    }
+}
+
+fn download_progress() -> impl FnMut(&str, u64, Option<u64>) {
+    let mut last = String::new();
+    move |name: &str, done: u64, total: Option<u64>| {
+        if name != last {
+            eprintln!(
+                "downloading {name} ({})",
+                total.map_or("size unknown".into(), |t| format!("{t} bytes"))
+            );
+            last = name.to_string();
+        }
+        let _ = done;
+    }
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let cfg = resolve_train_config(&a)?;
+    if a.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
+    let dir = resolve_data_dir(&cfg.data.dir);
+    let mut p = download_progress();
+    let splits = datasets::load(&cfg.data, &mut p)
+        .with_context(|| format!("loading {:?} from {}", cfg.data.dataset, dir.display()))?;
+    println!(
+        "training {} (width {}) on {} train / {} test samples from {}, seed {}",
+        cfg.model.arch,
+        cfg.model.width,
+        splits.train.len(),
+        splits.test.len(),
+        dir.display(),
+        cfg.seed
+    );
+    let mut obs = Progress {
+        bar: None,
+        epochs: cfg.train.epochs,
+    };
+    let (run, s) = centralized::run(&cfg, &splits, &mut obs)?;
+    println!(
+        "final test accuracy {:.2}% (best {:.2}%), {:.0} samples/s median, {:.1} s training; results in {}",
+        100.0 * s.final_test_accuracy,
+        100.0 * s.best_test_accuracy,
+        s.median_samples_per_sec,
+        s.train_seconds,
+        run.path().display()
+    );
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    if a.batch_size < 2 {
+        bail!("--batch-size must be at least 2");
+    }
+    let mut rows = Vec::new();
+    for arch in &a.models {
+        let width = if *arch == Arch::Cnn { 1.0 } else { a.width };
+        let opts = BenchOptions {
+            archs: vec![*arch],
+            width,
+            input: DatasetKind::FashionMnist.shape().0,
+            classes: 10,
+            batch_size: a.batch_size,
+            threads: a.threads,
+            warmup_steps: a.warmup,
+            steps: a.steps,
+            repeats: a.repeats,
+            seed: 1,
+            optimizer: OptimizerConfig::default(),
+        };
+        eprintln!("measuring {arch} (width {width}) ...");
+        rows.extend(bench::run(&opts, &mut |r| {
+            eprintln!(
+                "  {} w{}: {:.0} samples/s (median of {}; min {:.0}, max {:.0})",
+                r.arch,
+                r.width,
+                r.samples_per_sec,
+                r.repeats.len(),
+                r.samples_per_sec_min,
+                r.samples_per_sec_max
+            );
+        })?);
+    }
+    let md = bench::markdown(&rows, &a.references);
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let header = format!(
+        "Training throughput, batch {}, {} threads, input 28x28x1, Adam; median of {} repeats of {} steps.\n\n",
+        a.batch_size, a.threads, a.repeats, a.steps
+    );
+    std::fs::write(a.out.join("bench.md"), format!("{header}{md}"))
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    std::fs::write(a.out.join("bench.json"), serde_json::to_vec_pretty(&rows)?)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    print!("{header}{md}");
+    Ok(())
+}
