@@ -1,7 +1,15 @@
-//! # fedtiny-client
+//! # fedtiny-client: the edge client
 //!
-//! Will hold the edge client: an mTLS session with the coordinator and the transport-free
-//! `ClientApp` (train, evaluate, BatchNorm calibration) that the simulations also run.
-//!
-//! Not yet implemented: this crate is a placeholder in the workspace until the federated runtime
-//! lands. Local training itself lives in `fedtiny_common::train`.
+//! - [`app`]: [`app::ClientApp`], the client's compute, free of any transport: it trains and
+//!   evaluates the tasks it is given on its own data. The edge binary and the in-process
+//!   simulation run exactly this code.
+//! - [`session`]: the mutual-TLS gRPC session with a coordinator: join, long-poll for tasks,
+//!   fetch and upload chunked payloads, heartbeats while training, reconnect with backoff.
+//! - [`error`]: the crate's error type.
+
+pub mod app;
+pub mod error;
+pub mod session;
+
+pub use app::{ClientApp, LocalData};
+pub use error::ClientError;

@@ -33,6 +33,9 @@ pub enum Error {
     /// Loading, parsing or partitioning data failed.
     #[error(transparent)]
     Data(#[from] DataError),
+    /// Encoding or decoding a tensor or mask for the wire failed.
+    #[error(transparent)]
+    Codec(#[from] crate::codec::CodecError),
     /// A thread pool could not be built.
     #[error("thread pool: {0}")]
     ThreadPool(String),

@@ -16,6 +16,10 @@
 //! - [`loss`]: softmax cross-entropy.
 //! - [`optim`]: SGD (momentum, Nesterov, weight decay) and Adam (AMSGrad, weight decay), masked.
 //! - [`data`]: IDX and CIFAR-10 readers, normalisation, augmentation, partitioners, download.
+//! - [`task`]: the work a coordinator hands a client and the results, transport-free.
+//! - [`aggregate`]: sample-weighted federated averaging of states.
+//! - [`codec`]: tensor and mask encodings for the wire (dense, bitmap, indices, mask order).
+//! - [`pruning`]: layer budgets, top-k, random and magnitude masks.
 //! - [`train`]: the local training and evaluation loops every component shares.
 //! - [`cost`]: FLOPs per layer (dense and at the mask's density) and the client memory model.
 //! - [`parallel`]: the thread pool that kernels use.
@@ -26,6 +30,8 @@
 //! NHWC order. Conv and linear weights are stored as `[fan_in, fan_out]` matrices for the same
 //! reason; a mask has the shape of its weight.
 
+pub mod aggregate;
+pub mod codec;
 pub mod cost;
 pub mod data;
 pub mod error;
@@ -37,8 +43,10 @@ pub mod models;
 pub mod optim;
 pub mod parallel;
 pub mod param;
+pub mod pruning;
 pub mod rng;
 pub mod state;
+pub mod task;
 pub mod tensor;
 pub mod train;
 

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use fedtiny_common::data::Augment;
+pub use fedtiny_common::data::DatasetKind;
 use fedtiny_common::models::{Arch, ModelSpec};
 use fedtiny_common::optim::OptimizerConfig;
 use serde::{Deserialize, Serialize};
@@ -14,26 +15,6 @@ use crate::{Result, SimError};
 
 /// The built-in centralized-training config (the `cnn` on the committed Fashion-MNIST sample).
 pub const DEFAULT_CENTRALIZED: &str = include_str!("../configs/centralized-cnn.toml");
-
-/// The datasets fedtiny reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DatasetKind {
-    /// Fashion-MNIST in gzipped (or plain) IDX files.
-    FashionMnist,
-    /// CIFAR-10 in its binary format.
-    Cifar10,
-}
-
-impl DatasetKind {
-    /// Input shape `[h, w, c]` and class count.
-    pub fn shape(self) -> ([usize; 3], usize) {
-        match self {
-            DatasetKind::FashionMnist => ([28, 28, 1], 10),
-            DatasetKind::Cifar10 => ([32, 32, 3], 10),
-        }
-    }
-}
 
 /// Which model to train.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

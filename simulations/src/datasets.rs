@@ -1,6 +1,6 @@
 //! Finding, downloading and loading the data a config names.
 
-use fedtiny_common::data::{Normalization, Splits, fashion_mnist};
+use fedtiny_common::data::{Normalization, Splits};
 
 use crate::Result;
 use crate::config::{DataConfig, DatasetKind, resolve_data_dir};
@@ -9,15 +9,10 @@ use crate::config::{DataConfig, DatasetKind, resolve_data_dir};
 /// missing, then applies the configured limits.
 pub fn load(cfg: &DataConfig, progress: &mut dyn FnMut(&str, u64, Option<u64>)) -> Result<Splits> {
     let dir = resolve_data_dir(&cfg.dir);
-    let splits = match cfg.dataset {
-        DatasetKind::FashionMnist => {
-            if cfg.download {
-                fedtiny_common::data::download::download_fashion_mnist(&dir, progress)?;
-            }
-            fashion_mnist::load(&dir)?
-        }
-        DatasetKind::Cifar10 => fedtiny_common::data::cifar10::load(&dir)?,
-    };
+    if cfg.download && cfg.dataset == DatasetKind::FashionMnist {
+        fedtiny_common::data::download::download_fashion_mnist(&dir, progress)?;
+    }
+    let splits = cfg.dataset.load(&dir)?;
     let limit = |d: fedtiny_common::data::Dataset, n: Option<usize>| -> Result<_> {
         match n {
             Some(n) if n < d.len() => Ok(d.subset(&(0..n).collect::<Vec<_>>())?),
@@ -32,8 +27,5 @@ pub fn load(cfg: &DataConfig, progress: &mut dyn FnMut(&str, u64, Option<u64>)) 
 
 /// The standard normalisation of a dataset.
 pub fn normalization(kind: DatasetKind) -> Normalization {
-    match kind {
-        DatasetKind::FashionMnist => Normalization::fashion_mnist(),
-        DatasetKind::Cifar10 => Normalization::cifar10(),
-    }
+    kind.normalization()
 }

@@ -8,6 +8,12 @@ pub enum SimError {
     /// An error of the core engine (shapes, data, configuration of layers).
     #[error(transparent)]
     Core(#[from] fedtiny_common::Error),
+    /// An error of the coordinator (run folders, rounds, checkpoints).
+    #[error(transparent)]
+    Coordinator(#[from] fedtiny_coordinator::CoordinatorError),
+    /// An error of a client.
+    #[error(transparent)]
+    Client(#[from] fedtiny_client::ClientError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -4,9 +4,10 @@
 //! edge client:
 //! - [`centralized`]: train a model on a whole dataset (the accuracy reference for federated runs);
 //! - [`bench`]: training-throughput benchmark of the models (samples per second, medians);
+//! - [`federated`]: federated simulations, in process or as real processes over gRPC;
 //! - [`config`]: the TOML configuration of a run, validated, with embedded defaults;
 //! - [`datasets`]: finding, downloading and loading the data a config names;
-//! - [`run_dir`]: the run folder (resolved config, metrics, summary) every run writes.
+//! - run folders come from `fedtiny_coordinator::run_dir`.
 //!
 //! The binary `fedtiny-sim` exposes these as subcommands.
 
@@ -15,6 +16,7 @@ pub mod centralized;
 pub mod config;
 pub mod datasets;
 pub mod error;
-pub mod run_dir;
+pub mod federated;
 
 pub use error::{Result, SimError};
+pub use fedtiny_coordinator::run_dir;

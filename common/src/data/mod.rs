@@ -9,6 +9,7 @@
 //! - [`batch`]: [`Dataset::fill_batch`], the per-step path from bytes to a normalised `f32` NHWC
 //!   batch.
 //! - [`fashion_mnist`], [`cifar10`]: loaders for the two datasets' standard files.
+//! - [`kind`]: [`DatasetKind`], the datasets by name with their shapes and normalisation.
 //! - [`partition`]: [`Partitioner`] (IID, Dirichlet label skew, shards).
 //! - [`download`](mod@download): fetching files over HTTP with MD5 verification.
 //!
@@ -28,11 +29,13 @@ pub mod download;
 pub mod error;
 pub mod fashion_mnist;
 pub mod idx;
+pub mod kind;
 pub mod partition;
 pub mod transform;
 
 pub use dataset::{Dataset, Splits};
 pub use download::{FASHION_MNIST_BASE_URL, FASHION_MNIST_FILES, RemoteFile, download};
 pub use error::DataError;
+pub use kind::DatasetKind;
 pub use partition::Partitioner;
 pub use transform::{Augment, Normalization};

@@ -16,6 +16,7 @@ use fedtiny_simulations::bench::{self, BenchOptions};
 use fedtiny_simulations::centralized::{self, EpochMetrics, Observer};
 use fedtiny_simulations::config::{CentralizedConfig, DatasetKind, resolve_data_dir};
 use fedtiny_simulations::datasets;
+use fedtiny_simulations::federated::{self, SimConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Centralized training of one model on a whole dataset.
     Train(TrainArgs),
+    /// Federated simulation: N clients on this machine (in process by default).
+    Run(RunArgs),
     /// Training throughput of the models on synthetic batches.
     Bench(BenchArgs),
     /// Dataset utilities.
@@ -70,6 +73,42 @@ struct TrainArgs {
     /// Override data.train_limit.
     #[arg(long)]
     train_limit: Option<usize>,
+    /// Override output.dir.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override output.name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Print the resolved config and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML config; without it the embedded default (sparse FedAvg, cnn, committed sample) runs.
+    config: Option<PathBuf>,
+    /// Override the dataset directory (server test set and client data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Override run.rounds.
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Override mask.density.
+    #[arg(long)]
+    density: Option<f64>,
+    /// Override run.seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override clients.count (min_clients follows when it was equal).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Override simulation.parallel_clients.
+    #[arg(long)]
+    parallel_clients: Option<usize>,
+    /// Override simulation.threads.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Override output.dir.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -144,6 +183,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(a) => train(a),
+        Command::Run(a) => run_federated(a),
         Command::Bench(a) => run_bench(a),
         Command::Data(DataCommand::Download { dir, base_url }) => {
             let mut p = download_progress();
@@ -347,5 +387,122 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     std::fs::write(a.out.join("bench.json"), serde_json::to_vec_pretty(&rows)?)
         .with_context(|| format!("writing {}", a.out.display()))?;
     print!("{header}{md}");
+    Ok(())
+}
+
+fn resolve_sim_config(a: &RunArgs) -> Result<SimConfig> {
+    let mut cfg = match &a.config {
+        Some(p) => SimConfig::from_file(p)?,
+        None => SimConfig::embedded_default()?,
+    };
+    if let Some(d) = &a.data_dir {
+        cfg.federation.eval.data_dir = d.clone();
+        cfg.clients.data_dir = None;
+    }
+    if let Some(v) = a.rounds {
+        cfg.federation.run.rounds = v;
+    }
+    if let Some(v) = a.density {
+        cfg.federation.mask.density = v;
+    }
+    if let Some(v) = a.seed {
+        cfg.federation.run.seed = v;
+    }
+    if let Some(v) = a.clients {
+        if cfg.federation.run.min_clients == cfg.clients.count {
+            cfg.federation.run.min_clients = v;
+        }
+        cfg.clients.count = v;
+    }
+    if let Some(v) = a.parallel_clients {
+        cfg.simulation.parallel_clients = v;
+    }
+    if let Some(v) = a.threads {
+        cfg.simulation.threads = v;
+    }
+    if let Some(v) = &a.out {
+        cfg.federation.output.dir = v.clone();
+    }
+    if let Some(v) = &a.name {
+        cfg.federation.output.name = Some(v.clone());
+    }
+    cfg.validate()
+        .context("invalid configuration after overrides")?;
+    Ok(cfg)
+}
+
+fn run_federated(a: RunArgs) -> Result<()> {
+    let cfg = resolve_sim_config(&a)?;
+    if a.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
+    let (train, test) = federated::load_data(&cfg).context("loading data")?;
+    let f = &cfg.federation;
+    println!(
+        "federated {} (width {}) at density {}: {} clients ({} per round), {} rounds, {} train / {} test samples, seed {}",
+        f.model.arch,
+        f.model.width,
+        f.mask.density,
+        cfg.clients.count,
+        f.run.clients_per_round,
+        f.run.rounds,
+        train.len(),
+        test.len(),
+        f.run.seed
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (summary, dir) = runtime.block_on(async {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupt: finishing the checkpoint, then exiting");
+                let _ = tx.send(true);
+            }
+        });
+        federated::run_in_process(&cfg, train, test, rx).await
+    })?;
+    print_rounds(&dir.path().join("metrics.jsonl"))?;
+    println!(
+        "final accuracy {}  density {:.4}  bytes/client/round down {:.0} up {:.0}{}; results in {}",
+        summary
+            .final_test_accuracy
+            .map_or("n/a".into(), |a| format!("{:.2}%", 100.0 * a)),
+        summary.density,
+        summary.mean_bytes_down_per_client,
+        summary.mean_bytes_up_per_client,
+        if summary.interrupted {
+            " (interrupted)"
+        } else {
+            ""
+        },
+        dir.path().display()
+    );
+    Ok(())
+}
+
+/// Prints one line per round from a metrics file.
+fn print_rounds(path: &std::path::Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    for line in text.lines() {
+        let m: fedtiny_coordinator::metrics::RoundMetrics = serde_json::from_str(line)?;
+        println!(
+            "round {:>4}  accuracy {}  participants {}/{}  failures {}  down {} B  up {} B  {:.1} s",
+            m.round,
+            m.test_accuracy
+                .map_or("   n/a ".into(), |a| format!("{:6.2}%", 100.0 * a)),
+            m.participants,
+            m.sampled,
+            m.failures.len(),
+            m.bytes_down,
+            m.bytes_up,
+            m.seconds
+        );
+    }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::{Result, SimError};
+use crate::error::{CoordinatorError, Result};
 
 /// An open run folder.
 #[derive(Debug)]
@@ -17,7 +17,7 @@ pub struct RunDir {
 impl RunDir {
     /// Creates `parent/name`, or `parent/name-2`, `-3`, … if it exists (never overwrites a run).
     pub fn create(parent: &Path, name: &str) -> Result<Self> {
-        std::fs::create_dir_all(parent).map_err(|e| SimError::io(parent, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| CoordinatorError::io(parent, e))?;
         for n in 1..10_000 {
             let candidate = if n == 1 {
                 parent.join(name)
@@ -27,13 +27,20 @@ impl RunDir {
             match std::fs::create_dir(&candidate) {
                 Ok(()) => return Ok(RunDir { path: candidate }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(SimError::io(candidate, e)),
+                Err(e) => return Err(CoordinatorError::io(candidate, e)),
             }
         }
-        Err(SimError::io(
+        Err(CoordinatorError::io(
             parent.join(name),
             std::io::Error::other("too many runs with this name"),
         ))
+    }
+
+    /// A handle on a folder that already exists (nothing is created).
+    pub fn create_existing(path: &Path) -> Self {
+        RunDir {
+            path: path.to_path_buf(),
+        }
     }
 
     /// The folder.
@@ -45,16 +52,16 @@ impl RunDir {
     pub fn write(&self, file: &str, contents: &[u8]) -> Result<PathBuf> {
         let target = self.path.join(file);
         let tmp = self.path.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, contents).map_err(|e| SimError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &target).map_err(|e| SimError::io(&target, e))?;
+        std::fs::write(&tmp, contents).map_err(|e| CoordinatorError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &target).map_err(|e| CoordinatorError::io(&target, e))?;
         Ok(target)
     }
 
     /// Writes a value as pretty JSON.
     pub fn write_json(&self, file: &str, value: &impl Serialize) -> Result<PathBuf> {
-        let text = serde_json::to_vec_pretty(value).map_err(|e| SimError::Serialize {
-            what: file.to_string(),
-            message: e.to_string(),
+        let text = serde_json::to_vec_pretty(value).map_err(|e| CoordinatorError::Config {
+            origin: file.to_string(),
+            message: format!("serialising: {e}"),
         })?;
         self.write(file, &text)
     }
@@ -62,17 +69,18 @@ impl RunDir {
     /// Appends one JSON line to `metrics.jsonl`.
     pub fn append_metric(&self, value: &impl Serialize) -> Result<()> {
         let path = self.path.join("metrics.jsonl");
-        let mut line = serde_json::to_vec(value).map_err(|e| SimError::Serialize {
-            what: "metrics".into(),
-            message: e.to_string(),
+        let mut line = serde_json::to_vec(value).map_err(|e| CoordinatorError::Config {
+            origin: "metrics".into(),
+            message: format!("serialising: {e}"),
         })?;
         line.push(b'\n');
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|e| SimError::io(&path, e))?;
-        f.write_all(&line).map_err(|e| SimError::io(&path, e))
+            .map_err(|e| CoordinatorError::io(&path, e))?;
+        f.write_all(&line)
+            .map_err(|e| CoordinatorError::io(&path, e))
     }
 }
 

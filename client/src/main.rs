@@ -1,0 +1,135 @@
+//! `fedtiny-client`: an edge client. Connects to a coordinator with its certificate, trains on
+//! its own data, and sends sparse updates until the coordinator says the run is over.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use fedtiny_client::session::{self, Outcome, SessionConfig};
+use fedtiny_client::{ClientApp, LocalData};
+use fedtiny_common::data::{DatasetKind, Partitioner};
+use fedtiny_common::rng;
+use fedtiny_proto::tls::ClientTlsFiles;
+
+#[derive(Parser)]
+#[command(name = "fedtiny-client", version, about = "A fedtiny edge client")]
+struct Args {
+    /// The coordinator, e.g. https://127.0.0.1:7443.
+    #[arg(long)]
+    coordinator: String,
+    /// CA certificate that signed the coordinator's certificate (PEM).
+    #[arg(long)]
+    ca: PathBuf,
+    /// This client's certificate (PEM); its common name is the client's identity.
+    #[arg(long)]
+    cert: PathBuf,
+    /// This client's private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// The name to verify the coordinator's certificate against.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Directory of the local dataset.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Which dataset format the directory holds.
+    #[arg(long, default_value = "fashion-mnist", value_parser = parse_kind)]
+    dataset: DatasetKind,
+    /// Use only partition K of the training split (simulations: every client process loads the
+    /// same files and keeps its own share).
+    #[arg(long, requires = "of")]
+    partition: Option<usize>,
+    /// Number of partitions.
+    #[arg(long)]
+    of: Option<usize>,
+    /// Dirichlet concentration of the label skew (omit for an IID split).
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Seed of the partition (the run's seed, so all clients agree).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Kernel threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Memory budget to declare, in MiB (0 = none).
+    #[arg(long, default_value_t = 0)]
+    memory_budget_mib: u64,
+    /// Largest gRPC message, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_message_bytes: usize,
+    /// Give up after this many failed connection attempts in a row (0 = never).
+    #[arg(long, default_value_t = 20)]
+    max_reconnects: u32,
+}
+
+fn parse_kind(s: &str) -> Result<DatasetKind, String> {
+    match s {
+        "fashion-mnist" | "fashion_mnist" => Ok(DatasetKind::FashionMnist),
+        "cifar10" | "cifar-10" => Ok(DatasetKind::Cifar10),
+        other => Err(format!(
+            "unknown dataset `{other}` (fashion-mnist or cifar10)"
+        )),
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    fedtiny_proto::tls::install_crypto_provider();
+    let a = Args::parse();
+    let splits = a
+        .dataset
+        .load(&a.data_dir)
+        .with_context(|| format!("loading data from {}", a.data_dir.display()))?;
+    let train = Arc::new(splits.train);
+    let indices = match (a.partition, a.of) {
+        (Some(k), Some(n)) => {
+            if k >= n {
+                bail!("--partition {k} must be below --of {n}");
+            }
+            let p = match a.alpha {
+                Some(alpha) => Partitioner::Dirichlet { alpha },
+                None => Partitioner::Iid,
+            };
+            let mut r = rng::derived(a.seed, "partition", 0);
+            let mut parts = p
+                .split(train.labels(), train.classes(), n, &mut r)
+                .context("partitioning the training split")?;
+            std::mem::take(&mut parts[k])
+        }
+        _ => (0..train.len()).collect(),
+    };
+    tracing::info!(samples = indices.len(), "local training data");
+    let app = ClientApp::new(LocalData {
+        train,
+        train_indices: indices,
+        test: None,
+        normalization: a.dataset.normalization(),
+    });
+    let cfg = SessionConfig {
+        endpoint: a.coordinator.clone(),
+        tls: ClientTlsFiles {
+            ca: a.ca,
+            cert: a.cert,
+            key: a.key,
+            server_name: a.server_name,
+        },
+        memory_budget_bytes: a.memory_budget_mib << 20,
+        max_message_bytes: a.max_message_bytes,
+        max_reconnects: a.max_reconnects,
+        threads: a.threads,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    match runtime.block_on(session::run(cfg, app)) {
+        Ok(Outcome::RunOver { tasks }) => {
+            println!("the coordinator says the run is over; {tasks} tasks done in this session");
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("session with {}", a.coordinator)),
+    }
+}

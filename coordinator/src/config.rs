@@ -1,0 +1,339 @@
+//! The coordinator's configuration: TOML with unknown keys refused, validated before use.
+//!
+//! [`FederatedConfig`] is the run itself (what the round engine needs, whatever the transport);
+//! [`ServeConfig`] adds the network and TLS settings of the gRPC server.
+
+use std::path::{Path, PathBuf};
+
+use fedtiny_common::data::DatasetKind;
+use fedtiny_common::models::{Arch, ModelSpec};
+use fedtiny_common::task::LocalTraining;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoordinatorError, Result};
+
+/// Round structure and fault tolerance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Seed of every random choice (initial weights, masks, client sampling, client training).
+    pub seed: u64,
+    /// Rounds to run.
+    pub rounds: u64,
+    /// Clients sampled per round (M).
+    pub clients_per_round: usize,
+    /// Clients that must have joined before the first round starts.
+    pub min_clients: usize,
+    /// Seconds a round waits for results before closing with what it has.
+    #[serde(default = "default_deadline")]
+    pub round_deadline_secs: f64,
+    /// Results needed to aggregate a round; with fewer the global model stays unchanged.
+    pub quorum: usize,
+    /// Evaluate the global model on the server's test set every N rounds (and after the last).
+    #[serde(default = "one")]
+    pub eval_every: u64,
+    /// Write a checkpoint every N rounds (and at shutdown); 0 = only at shutdown.
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Seconds to wait for `min_clients` before giving up.
+    #[serde(default = "default_join_wait")]
+    pub join_timeout_secs: f64,
+}
+
+fn default_deadline() -> f64 {
+    600.0
+}
+fn default_join_wait() -> f64 {
+    600.0
+}
+fn one() -> u64 {
+    1
+}
+
+/// The model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Architecture.
+    pub arch: Arch,
+    /// Width multiplier.
+    #[serde(default = "width_one")]
+    pub width: f64,
+    /// The dataset (fixes the input shape and class count).
+    pub dataset: DatasetKind,
+}
+
+fn width_one() -> f64 {
+    1.0
+}
+
+/// How the fixed mask of sparse FedAvg is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskRule {
+    /// Uniformly random per layer.
+    Random,
+    /// Largest magnitude per layer, on the initial weights.
+    Magnitude,
+}
+
+/// The mask.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskSection {
+    /// Fraction of prunable weights kept (1 = dense).
+    pub density: f64,
+    /// How the mask is chosen.
+    #[serde(default = "default_rule")]
+    pub rule: MaskRule,
+}
+
+fn default_rule() -> MaskRule {
+    MaskRule::Random
+}
+
+/// Server-side evaluation data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Directory of the dataset whose test split the coordinator evaluates on.
+    pub data_dir: PathBuf,
+    /// Samples per evaluation batch.
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+    /// Evaluate on the first N test samples only.
+    #[serde(default)]
+    pub test_limit: Option<usize>,
+}
+
+fn default_eval_batch() -> usize {
+    500
+}
+
+/// Where results go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Parent directory of run folders.
+    #[serde(default = "default_runs")]
+    pub dir: PathBuf,
+    /// Run folder name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+fn default_runs() -> PathBuf {
+    PathBuf::from("runs")
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection {
+            dir: default_runs(),
+            name: None,
+        }
+    }
+}
+
+/// A federated run, independent of the transport.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedConfig {
+    /// Rounds and fault tolerance.
+    pub run: RunSection,
+    /// The model.
+    pub model: ModelSection,
+    /// Local training on clients.
+    pub training: LocalTraining,
+    /// The fixed mask.
+    pub mask: MaskSection,
+    /// Server-side evaluation.
+    pub eval: EvalSection,
+    /// Output folder.
+    #[serde(default)]
+    pub output: OutputSection,
+}
+
+impl FederatedConfig {
+    /// The model spec.
+    pub fn model_spec(&self) -> Result<ModelSpec> {
+        let (input, classes) = self.model.dataset.shape();
+        Ok(ModelSpec::new(
+            self.model.arch,
+            input,
+            classes,
+            self.model.width,
+        )?)
+    }
+
+    /// Checks every value's range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| -> Result<()> {
+            Err(CoordinatorError::Config {
+                origin: "values".into(),
+                message: m,
+            })
+        };
+        self.model_spec()?;
+        self.training.optimizer.validate()?;
+        fedtiny_common::pruning::check_density(self.mask.density)?;
+        let r = &self.run;
+        if r.rounds == 0 {
+            return bad("run.rounds must be at least 1".into());
+        }
+        if r.clients_per_round == 0 {
+            return bad("run.clients_per_round must be at least 1".into());
+        }
+        if r.min_clients < r.clients_per_round {
+            return bad(format!(
+                "run.min_clients ({}) must be at least run.clients_per_round ({})",
+                r.min_clients, r.clients_per_round
+            ));
+        }
+        if r.quorum == 0 || r.quorum > r.clients_per_round {
+            return bad(format!(
+                "run.quorum ({}) must be in 1..=clients_per_round ({})",
+                r.quorum, r.clients_per_round
+            ));
+        }
+        if !(r.round_deadline_secs.is_finite() && r.round_deadline_secs > 0.0) {
+            return bad("run.round_deadline_secs must be positive".into());
+        }
+        if !(r.join_timeout_secs.is_finite() && r.join_timeout_secs > 0.0) {
+            return bad("run.join_timeout_secs must be positive".into());
+        }
+        if r.eval_every == 0 {
+            return bad("run.eval_every must be at least 1".into());
+        }
+        if self.training.epochs == 0 || self.training.batch_size < 2 {
+            return bad("training.epochs must be >= 1 and training.batch_size >= 2".into());
+        }
+        if self.eval.batch_size == 0 || self.eval.test_limit == Some(0) {
+            return bad("eval.batch_size and eval.test_limit must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Limits and timing of the gRPC server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to listen on, e.g. `0.0.0.0:7443` (port 0 = chosen by the OS).
+    pub listen: String,
+    /// Largest gRPC message accepted or sent, in bytes (tonic's default is 4 MiB).
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Chunk size of large payloads, in bytes (must fit in a message).
+    #[serde(default = "default_chunk")]
+    pub chunk_bytes: usize,
+    /// Largest task result a client may upload, in bytes.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// How long a long-poll waits for a task before answering "idle", in milliseconds.
+    #[serde(default = "default_poll")]
+    pub poll_timeout_ms: u64,
+    /// How often clients must send heartbeats, in milliseconds.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+    /// A client silent for this many heartbeat intervals is considered gone.
+    #[serde(default = "default_missed")]
+    pub missed_heartbeats: u32,
+}
+
+fn default_max_message() -> usize {
+    4 << 20
+}
+fn default_chunk() -> usize {
+    1 << 20
+}
+fn default_max_payload() -> usize {
+    1 << 30
+}
+fn default_poll() -> u64 {
+    20_000
+}
+fn default_heartbeat() -> u64 {
+    2_000
+}
+fn default_missed() -> u32 {
+    5
+}
+
+/// TLS material of the server (PEM files).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The server certificate chain.
+    pub cert: PathBuf,
+    /// The server's private key.
+    pub key: PathBuf,
+    /// The CA that signs client certificates (clients without one are refused).
+    pub client_ca: PathBuf,
+}
+
+/// The gRPC coordinator: a federated run plus the server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// The server.
+    pub server: ServerSection,
+    /// TLS.
+    pub tls: TlsSection,
+    /// The run.
+    #[serde(flatten)]
+    pub federation: FederatedConfig,
+}
+
+impl ServeConfig {
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let c: ServeConfig = toml::from_str(text).map_err(|e| CoordinatorError::Config {
+            origin: origin.into(),
+            message: e.to_string(),
+        })?;
+        c.validate().map_err(|e| CoordinatorError::Config {
+            origin: origin.into(),
+            message: e.to_string(),
+        })?;
+        Ok(c)
+    }
+
+    /// Reads and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| CoordinatorError::io(path, e))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Checks every value's range.
+    pub fn validate(&self) -> Result<()> {
+        self.federation.validate()?;
+        let s = &self.server;
+        let bad = |m: &str| {
+            Err(CoordinatorError::Config {
+                origin: "values".into(),
+                message: m.into(),
+            })
+        };
+        if s.max_message_bytes < 64 << 10 {
+            return bad("server.max_message_bytes must be at least 64 KiB");
+        }
+        if s.chunk_bytes == 0 || s.chunk_bytes + (16 << 10) > s.max_message_bytes {
+            return bad(
+                "server.chunk_bytes must be positive and leave 16 KiB of room in a message",
+            );
+        }
+        if s.poll_timeout_ms == 0 || s.heartbeat_interval_ms == 0 || s.missed_heartbeats == 0 {
+            return bad("server poll and heartbeat settings must be positive");
+        }
+        Ok(())
+    }
+
+    /// The resolved config as TOML.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| CoordinatorError::Config {
+            origin: "serialising".into(),
+            message: e.to_string(),
+        })
+    }
+}

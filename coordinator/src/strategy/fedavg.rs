@@ -1,0 +1,103 @@
+//! Sparse FedAvg on a fixed mask: the mask is chosen once before round 1 (random or by
+//! magnitude at the configured density; dense at density 1) and every round averages the
+//! clients' states weighted by their sample counts.
+
+use fedtiny_common::aggregate::fedavg;
+use fedtiny_common::mask::MaskSet;
+use fedtiny_common::pruning::{magnitude_masks, random_masks};
+use fedtiny_common::rng;
+use fedtiny_common::task::{ClientId, LocalTraining, ModelPayload, Task, TrainResult, TrainTask};
+
+use super::Strategy;
+use crate::config::MaskRule;
+use crate::error::Result;
+use crate::global::GlobalModel;
+use crate::proxy::Failure;
+
+/// Sparse FedAvg with a fixed mask.
+pub struct FedAvg {
+    seed: u64,
+    density: f64,
+    rule: MaskRule,
+    training: LocalTraining,
+}
+
+impl FedAvg {
+    /// A strategy with the run seed, mask settings and local-training settings.
+    pub fn new(seed: u64, density: f64, rule: MaskRule, training: LocalTraining) -> Self {
+        FedAvg {
+            seed,
+            density,
+            rule,
+            training,
+        }
+    }
+}
+
+/// The training seed of a client in a round: a pure function of (run seed, client, round).
+pub fn client_seed(seed: u64, client: &ClientId, round: u64) -> u64 {
+    rng::derive(seed, &format!("train/{client}"), round)
+}
+
+impl Strategy for FedAvg {
+    fn name(&self) -> &str {
+        "fedavg"
+    }
+
+    fn initialize(&mut self, global: &mut GlobalModel) -> Result<()> {
+        let masks = if self.density >= 1.0 {
+            MaskSet::default()
+        } else {
+            let model = global.to_model()?;
+            match self.rule {
+                MaskRule::Random => random_masks(
+                    &model,
+                    self.density,
+                    &mut rng::derived(self.seed, "mask", 0),
+                )?,
+                MaskRule::Magnitude => magnitude_masks(&model, self.density)?,
+            }
+        };
+        global.set_masks(masks)
+    }
+
+    fn configure_train(
+        &mut self,
+        round: u64,
+        global: &GlobalModel,
+        clients: &[ClientId],
+    ) -> Result<Vec<(ClientId, Task)>> {
+        Ok(clients
+            .iter()
+            .map(|c| {
+                let task = Task::Train(TrainTask {
+                    round,
+                    model: ModelPayload {
+                        spec: global.spec.clone(),
+                        mask_version: global.masks.version,
+                        masks: None,
+                        state: global.state.clone(),
+                    },
+                    training: self.training.clone(),
+                    seed: client_seed(self.seed, c, round),
+                });
+                (c.clone(), task)
+            })
+            .collect())
+    }
+
+    fn aggregate_train(
+        &mut self,
+        _round: u64,
+        global: &mut GlobalModel,
+        results: &[(ClientId, TrainResult)],
+        _failures: &[(ClientId, Failure)],
+    ) -> Result<()> {
+        let contributions: Vec<(usize, &fedtiny_common::state::StateDict)> = results
+            .iter()
+            .map(|(_, r)| (r.num_samples, &r.state))
+            .collect();
+        global.state = fedavg(&global.state, &contributions)?;
+        Ok(())
+    }
+}

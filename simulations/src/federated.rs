@@ -1,0 +1,321 @@
+//! Federated simulation: N clients on one machine, driven by the coordinator's round engine.
+//!
+//! In-process mode gives each client a [`ClientApp`] behind an in-process [`ClientProxy`]. Tasks
+//! and results still go through the wire encoding (`fedtiny_proto::convert`), so byte counts are
+//! the real ones and the clients compute exactly what they would over gRPC: the same seed gives
+//! the same final model in both modes.
+//!
+//! Parallelism is chosen once: `parallel_clients` clients train at a time, each on its own rayon
+//! pool of `threads / parallel_clients` kernel threads. Clients hold only their sample indices
+//! and masks while idle; models exist only while a client trains, so memory grows with
+//! `parallel_clients`, not with the number of clients.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use fedtiny_client::{ClientApp, LocalData};
+use fedtiny_common::codec::Limits;
+use fedtiny_common::data::{Dataset, Partitioner, Splits};
+use fedtiny_common::mask::MaskSet;
+use fedtiny_common::task::{ClientId, Task};
+use fedtiny_common::{parallel, rng};
+use fedtiny_coordinator::config::FederatedConfig;
+use fedtiny_coordinator::engine::RoundEngine;
+use fedtiny_coordinator::evaluate::Evaluator;
+use fedtiny_coordinator::metrics::RunSummary;
+use fedtiny_coordinator::proxy::{ClientPool, ClientProxy, Failure, Reply, ReplyFuture, Traffic};
+use fedtiny_coordinator::run_dir::RunDir;
+use fedtiny_coordinator::strategy::{FedAvg, Strategy};
+use fedtiny_proto::convert;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::resolve_data_dir;
+use crate::{Result, SimError};
+
+/// The built-in federated simulation config (the `cnn` on the committed sample).
+pub const DEFAULT_FEDERATED: &str = include_str!("../configs/federated-cnn.toml");
+
+/// The simulated clients.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientsSection {
+    /// Number of clients in the federation (N).
+    pub count: usize,
+    /// How the training split is divided among them.
+    pub partitioner: Partitioner,
+    /// Dataset directory the clients read (default: `eval.data_dir`).
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// How the simulation runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulationSection {
+    /// Clients training at the same time.
+    #[serde(default = "one")]
+    pub parallel_clients: usize,
+    /// Kernel threads in total (0 = one per core), divided among the parallel clients.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for SimulationSection {
+    fn default() -> Self {
+        SimulationSection {
+            parallel_clients: 1,
+            threads: 0,
+        }
+    }
+}
+
+/// A federated simulation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimConfig {
+    /// The run, as the coordinator sees it.
+    #[serde(flatten)]
+    pub federation: FederatedConfig,
+    /// The clients.
+    pub clients: ClientsSection,
+    /// Parallelism.
+    #[serde(default)]
+    pub simulation: SimulationSection,
+}
+
+impl SimConfig {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let c: SimConfig = toml::from_str(text).map_err(|e| SimError::Config {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        c.validate().map_err(|e| SimError::Config {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        Ok(c)
+    }
+
+    /// Reads and validates a config file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| SimError::io(path, e))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The built-in default.
+    pub fn embedded_default() -> Result<Self> {
+        Self::from_toml(DEFAULT_FEDERATED, "<embedded federated-cnn.toml>")
+    }
+
+    /// Checks every value's range.
+    pub fn validate(&self) -> Result<()> {
+        self.federation.validate()?;
+        let bad = |m: String| Err(SimError::Core(fedtiny_common::Error::InvalidConfig(m)));
+        if self.clients.count < self.federation.run.min_clients {
+            return bad(format!(
+                "clients.count ({}) is below run.min_clients ({})",
+                self.clients.count, self.federation.run.min_clients
+            ));
+        }
+        if self.simulation.parallel_clients == 0 {
+            return bad("simulation.parallel_clients must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The resolved config as TOML.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| SimError::Serialize {
+            what: "config".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The run-folder name.
+    pub fn run_name(&self) -> String {
+        self.federation.output.name.clone().unwrap_or_else(|| {
+            format!(
+                "fed-{}-d{}-n{}-s{}",
+                self.federation.model.arch,
+                self.federation.mask.density,
+                self.clients.count,
+                self.federation.run.seed
+            )
+        })
+    }
+}
+
+/// Zero-padded client names, so that name order is index order.
+pub fn client_name(index: usize) -> String {
+    format!("client-{index:04}")
+}
+
+/// Splits the training set among the clients as the config says (seeded by the run seed).
+pub fn partition(cfg: &SimConfig, train: &Dataset) -> Result<Vec<Vec<usize>>> {
+    let mut r = rng::derived(cfg.federation.run.seed, "partition", 0);
+    Ok(cfg
+        .clients
+        .partitioner
+        .split(train.labels(), train.classes(), cfg.clients.count, &mut r)?)
+}
+
+/// Shared machinery of the in-process clients: a concurrency limit and one kernel pool per
+/// client slot.
+struct Runner {
+    slots: Semaphore,
+    pools: Mutex<Vec<rayon::ThreadPool>>,
+    limits: Limits,
+}
+
+struct InProcessProxy {
+    id: ClientId,
+    app: Arc<Mutex<ClientApp>>,
+    runner: Arc<Runner>,
+}
+
+impl ClientProxy for InProcessProxy {
+    fn id(&self) -> &ClientId {
+        &self.id
+    }
+
+    fn execute(&self, task: Task, masks: Arc<MaskSet>) -> ReplyFuture {
+        let app = self.app.clone();
+        let runner = self.runner.clone();
+        Box::pin(async move {
+            let round = task.round();
+            let down = convert::encode_task(&task, Some(&masks))
+                .map_err(|e| Failure::Invalid(format!("encoding the task: {e}")))?;
+            let _slot = runner
+                .slots
+                .acquire()
+                .await
+                .map_err(|e| Failure::Disconnected(e.to_string()))?;
+            let r2 = runner.clone();
+            let bytes_down = down.len() as u64;
+            let up = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, Failure> {
+                let pool = r2
+                    .pools
+                    .lock()
+                    .map_err(|_| Failure::ClientError("kernel pools poisoned".into()))?
+                    .pop()
+                    .ok_or_else(|| Failure::ClientError("no free kernel pool".into()))?;
+                let out = (|| {
+                    let mut app = app
+                        .lock()
+                        .map_err(|_| Failure::ClientError("client state poisoned".into()))?;
+                    let task = convert::decode_task(&down, app.masks(), &r2.limits)
+                        .map_err(|e| Failure::ClientError(format!("decoding the task: {e}")))?;
+                    let app_ref: &mut ClientApp = &mut app;
+                    let result = pool
+                        .install(|| app_ref.handle(&task))
+                        .map_err(|e| Failure::ClientError(e.to_string()))?;
+                    let held = app.masks().cloned().unwrap_or_default();
+                    convert::encode_result(&result, &held)
+                        .map_err(|e| Failure::ClientError(format!("encoding the result: {e}")))
+                })();
+                if let Ok(mut pools) = r2.pools.lock() {
+                    pools.push(pool);
+                }
+                out
+            })
+            .await
+            .map_err(|e| Failure::ClientError(format!("client task panicked: {e}")))??;
+            let result = convert::decode_result(&up, &masks, round, &runner.limits)
+                .map_err(|e| Failure::Invalid(e.to_string()))?;
+            Ok(Reply {
+                result,
+                traffic: Traffic {
+                    bytes_down,
+                    bytes_up: up.len() as u64,
+                },
+            })
+        })
+    }
+}
+
+struct InProcessPool {
+    clients: Vec<Arc<dyn ClientProxy>>,
+}
+
+impl ClientPool for InProcessPool {
+    fn available(&self) -> Vec<Arc<dyn ClientProxy>> {
+        self.clients.clone()
+    }
+}
+
+/// Builds the strategy a config names.
+pub fn strategy(cfg: &FederatedConfig) -> Box<dyn Strategy> {
+    Box::new(FedAvg::new(
+        cfg.run.seed,
+        cfg.mask.density,
+        cfg.mask.rule,
+        cfg.training.clone(),
+    ))
+}
+
+/// Loads the data of a simulation: (client training split, server test split).
+pub fn load_data(cfg: &SimConfig) -> Result<(Arc<Dataset>, Arc<Dataset>)> {
+    let kind = cfg.federation.model.dataset;
+    let eval_dir = resolve_data_dir(&cfg.federation.eval.data_dir);
+    let Splits { train, test } = kind.load(&eval_dir)?;
+    let train = match &cfg.clients.data_dir {
+        Some(d) if resolve_data_dir(d) != eval_dir => kind.load(&resolve_data_dir(d))?.train,
+        _ => train,
+    };
+    Ok((Arc::new(train), Arc::new(test)))
+}
+
+/// Runs a simulation in process and returns its summary and run folder.
+pub async fn run_in_process(
+    cfg: &SimConfig,
+    train: Arc<Dataset>,
+    test: Arc<Dataset>,
+    stop: watch::Receiver<bool>,
+) -> Result<(RunSummary, RunDir)> {
+    cfg.validate()?;
+    let fed = &cfg.federation;
+    let parts = partition(cfg, &train)?;
+    let p = cfg.simulation.parallel_clients;
+    let total = parallel::thread_pool(cfg.simulation.threads)?.current_num_threads();
+    let per_client = (total / p).max(1);
+    let pools = (0..p)
+        .map(|_| parallel::thread_pool(per_client))
+        .collect::<Result<Vec<_>, _>>()?;
+    let runner = Arc::new(Runner {
+        slots: Semaphore::new(p),
+        pools: Mutex::new(pools),
+        limits: Limits::default(),
+    });
+    let norm = fed.model.dataset.normalization();
+    let clients: Vec<Arc<dyn ClientProxy>> = parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, idx)| {
+            let app = ClientApp::new(LocalData {
+                train: train.clone(),
+                train_indices: idx,
+                test: None,
+                normalization: norm.clone(),
+            });
+            Arc::new(InProcessProxy {
+                id: ClientId(client_name(i)),
+                app: Arc::new(Mutex::new(app)),
+                runner: runner.clone(),
+            }) as Arc<dyn ClientProxy>
+        })
+        .collect();
+    let pool: Arc<dyn ClientPool> = Arc::new(InProcessPool { clients });
+    let evaluator = Evaluator::new(test, fed.eval.test_limit, norm, fed.eval.batch_size);
+    let run = RunDir::create(&fed.output.dir, &cfg.run_name())?;
+    let config_toml = cfg.to_toml()?;
+    let mut engine = RoundEngine::new(fed.clone(), config_toml, strategy(fed), evaluator, run)?;
+    let summary = engine.run(pool, stop).await?;
+    let dir = RunDir::create_existing(engine.run_dir().path());
+    Ok((summary, dir))
+}
