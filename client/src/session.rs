@@ -70,6 +70,13 @@ fn refused(call: &'static str, status: &tonic::Status) -> ClientError {
         {
             ClientError::Transport(format!("{call}: {}", tls::error_chain(status)))
         }
+        // The coordinator forgot this session (it dropped a silent client, or restarted):
+        // reconnect and join again.
+        _ if status.code() == tonic::Code::FailedPrecondition
+            && status.message().contains("unknown session") =>
+        {
+            ClientError::Transport(format!("{call}: {}", status.message()))
+        }
         _ => ClientError::Refused {
             call,
             status: format!("{}: {}", status.code(), status.message()),

@@ -47,6 +47,9 @@ enum Command {
         /// Override output.name.
         #[arg(long)]
         name: Option<String>,
+        /// Take the TLS files from a folder written by `certs` (server.pem, server.key, ca.pem).
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
     },
     /// Write a CA, a server certificate and client certificates as PEM files.
     Certs {
@@ -110,6 +113,7 @@ fn main() -> Result<()> {
             data_dir,
             out,
             name,
+            tls_dir,
         } => {
             let mut cfg = ServeConfig::from_file(&config)?;
             if let Some(v) = listen {
@@ -126,6 +130,11 @@ fn main() -> Result<()> {
             }
             if let Some(v) = name {
                 cfg.federation.output.name = Some(v);
+            }
+            if let Some(d) = tls_dir {
+                cfg.tls.cert = d.join("server.pem");
+                cfg.tls.key = d.join("server.key");
+                cfg.tls.client_ca = d.join("ca.pem");
             }
             cfg.validate()
                 .context("invalid configuration after overrides")?;

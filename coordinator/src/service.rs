@@ -62,7 +62,13 @@ impl Federation for FederationService {
     ) -> Result<Response<pb::PollReply>, Status> {
         let id = identity(&request)?;
         let r = request.into_inner();
-        let wait = Duration::from_millis(u64::from(r.wait_ms).min(self.hub.server.poll_timeout_ms));
+        // A long-poll never outlasts the heartbeat interval: each poll refreshes the client's
+        // liveness, so a client waiting for work is not mistaken for a silent one.
+        let wait = Duration::from_millis(
+            u64::from(r.wait_ms)
+                .min(self.hub.server.poll_timeout_ms)
+                .min(self.hub.server.heartbeat_interval_ms),
+        );
         let deadline = tokio::time::Instant::now() + wait;
         let chunk = self.hub.server.chunk_bytes;
         loop {

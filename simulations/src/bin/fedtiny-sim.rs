@@ -32,6 +32,11 @@ enum Command {
     Train(TrainArgs),
     /// Federated simulation: N clients on this machine (in process by default).
     Run(RunArgs),
+    /// Print the per-round metrics of a federated run folder.
+    Report {
+        /// The run folder (holds metrics.jsonl and summary.json).
+        run_dir: PathBuf,
+    },
     /// Training throughput of the models on synthetic batches.
     Bench(BenchArgs),
     /// Dataset utilities.
@@ -184,6 +189,29 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Train(a) => train(a),
         Command::Run(a) => run_federated(a),
+        Command::Report { run_dir } => {
+            print_rounds(&run_dir.join("metrics.jsonl"))?;
+            let summary = run_dir.join("summary.json");
+            if let Ok(text) = std::fs::read_to_string(&summary) {
+                let s: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", summary.display()))?;
+                println!(
+                    "final accuracy {}  density {}  rounds {}{}; results in {}",
+                    s["final_test_accuracy"]
+                        .as_f64()
+                        .map_or("n/a".into(), |a| format!("{:.2}%", 100.0 * a)),
+                    s["density"],
+                    s["rounds"],
+                    if s["interrupted"].as_bool() == Some(true) {
+                        " (interrupted)"
+                    } else {
+                        ""
+                    },
+                    run_dir.display()
+                );
+            }
+            Ok(())
+        }
         Command::Bench(a) => run_bench(a),
         Command::Data(DataCommand::Download { dir, base_url }) => {
             let mut p = download_progress();
