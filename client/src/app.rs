@@ -9,12 +9,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fedtiny_common::data::{Dataset, Normalization};
+use fedtiny_common::fedtiny::{model_candidate, top_k_pruned_gradient};
+use fedtiny_common::layers::SlotMut;
 use fedtiny_common::mask::MaskSet;
 use fedtiny_common::models::Model;
+use fedtiny_common::optim::Optimizer;
+use fedtiny_common::param::Role;
+use fedtiny_common::state::StateDict;
 use fedtiny_common::task::{
+    CalibrateResult, CalibrateTask, CandidateEvalResult, CandidateEvalTask, CandidateSet,
     EvaluateResult, EvaluateTask, ModelPayload, Task, TaskResult, TrainResult, TrainTask,
+    validation_indices,
 };
-use fedtiny_common::train::{self, BatchOptions, NoHooks, PassStats};
+use fedtiny_common::train::{self, BatchOptions, NoHooks, PassStats, StepHooks};
 use fedtiny_common::{cost, rng};
 
 use crate::ClientError;
@@ -65,6 +72,10 @@ impl ClientApp {
         match task {
             Task::Train(t) => self.train(t).map(TaskResult::Train),
             Task::Evaluate(t) => self.evaluate(t).map(TaskResult::Evaluate),
+            Task::Calibrate(t) => self.calibrate(t).map(TaskResult::Calibrate),
+            Task::EvaluateCandidates(t) => self
+                .evaluate_candidates(t)
+                .map(TaskResult::EvaluateCandidates),
         }
     }
 
@@ -105,7 +116,17 @@ impl ClientApp {
         };
         let mut r = rng::seeded(t.seed);
         let mut stats = PassStats::default();
-        for _ in 0..t.training.epochs {
+        let mut topk = TopKHook {
+            requests: &t.adjust,
+            lists: Vec::new(),
+        };
+        for epoch in 0..t.training.epochs {
+            let hooks: &mut dyn StepHooks =
+                if epoch + 1 == t.training.epochs && !t.adjust.is_empty() {
+                    &mut topk
+                } else {
+                    &mut NoHooks
+                };
             let s = train::train_epoch(
                 &mut model,
                 optimizer.as_mut(),
@@ -113,9 +134,18 @@ impl ClientApp {
                 &self.data.train_indices,
                 &opts,
                 &mut r,
-                &mut NoHooks,
+                hooks,
             )?;
             stats.merge(&s);
+        }
+        if topk.lists.len() != t.adjust.len() {
+            return Err(ClientError::Core(fedtiny_common::Error::InvalidConfig(
+                format!(
+                    "adjustment asked for {} tensors, {} reported (unknown or unmasked names?)",
+                    t.adjust.len(),
+                    topk.lists.len()
+                ),
+            )));
         }
         Ok(TrainResult {
             round: t.round,
@@ -126,6 +156,103 @@ impl ClientApp {
             train_accuracy: stats.accuracy(),
             seconds: started.elapsed().as_secs_f64(),
             peak_rss_bytes: cost::peak_rss_bytes(),
+            topk: topk.lists,
+        })
+    }
+
+    /// Builds `w0` (dense) and the candidates' masks.
+    fn candidates(
+        &mut self,
+        payload: &ModelPayload,
+        set: &CandidateSet,
+    ) -> Result<(Model, Vec<fedtiny_common::mask::MaskSet>), ClientError> {
+        let w0 = self.load(payload)?;
+        let masks = set
+            .seeds
+            .iter()
+            .map(|&seed| model_candidate(&w0, set.density, set.allocation, seed))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((w0, masks))
+    }
+
+    fn calibrate(&mut self, t: &CalibrateTask) -> Result<CalibrateResult, ClientError> {
+        let (w0, masks) = self.candidates(&t.model, &t.candidates)?;
+        let state = w0.state_dict();
+        drop(w0);
+        let val = validation_indices(&self.data.train_indices, &t.validation);
+        let opts = BatchOptions {
+            batch_size: t.batch_size,
+            normalization: self.data.normalization.clone(),
+            augment: None,
+        };
+        let mut bn = Vec::with_capacity(masks.len());
+        // One candidate at a time: peak memory is one model plus one batch of activations.
+        for m in &masks {
+            let mut model = Model::new(&t.model.spec, 0)?;
+            model.set_masks(m)?;
+            model.load_state_dict(&state)?;
+            train::calibrate_batchnorm(&mut model, &self.data.train, &val, &opts, t.passes)?;
+            bn.push(running_stats(&model.state_dict()));
+        }
+        Ok(CalibrateResult {
+            round: t.round,
+            val_count: val.len(),
+            bn,
+        })
+    }
+
+    fn evaluate_candidates(
+        &mut self,
+        t: &CandidateEvalTask,
+    ) -> Result<CandidateEvalResult, ClientError> {
+        if t.bn.len() != t.candidates.seeds.len() {
+            return Err(ClientError::Wire(format!(
+                "{} BatchNorm sets for {} candidates",
+                t.bn.len(),
+                t.candidates.seeds.len()
+            )));
+        }
+        let (w0, masks) = self.candidates(&t.model, &t.candidates)?;
+        let base = w0.state_dict();
+        drop(w0);
+        let val = validation_indices(&self.data.train_indices, &t.validation);
+        let opts = BatchOptions {
+            batch_size: t.batch_size,
+            normalization: self.data.normalization.clone(),
+            augment: None,
+        };
+        let mut stats = Vec::with_capacity(masks.len());
+        for (m, bn) in masks.iter().zip(&t.bn) {
+            let mut state = base.clone();
+            for (name, e) in &bn.entries {
+                match state.entries.get_mut(name) {
+                    Some(dst)
+                        if dst.shape == e.shape
+                            && matches!(dst.role, Role::RunningMean | Role::RunningVar) =>
+                    {
+                        dst.values.clone_from(&e.values);
+                    }
+                    _ => {
+                        return Err(ClientError::Wire(format!(
+                            "BatchNorm statistics name an unknown or mismatched tensor `{name}`"
+                        )));
+                    }
+                }
+            }
+            let mut model = Model::new(&t.model.spec, 0)?;
+            model.set_masks(m)?;
+            model.load_state_dict(&state)?;
+            let s = train::evaluate(&mut model, &self.data.train, &val, &opts)?;
+            stats.push(EvaluateResult {
+                round: t.round,
+                loss_sum: s.loss_sum,
+                correct: s.correct,
+                count: s.count,
+            });
+        }
+        Ok(CandidateEvalResult {
+            round: t.round,
+            stats,
         })
     }
 
@@ -144,5 +271,69 @@ impl ClientApp {
             correct: s.correct,
             count: s.count,
         })
+    }
+}
+
+/// The BatchNorm running statistics of a state.
+pub fn running_stats(state: &StateDict) -> StateDict {
+    StateDict {
+        entries: state
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(e.role, Role::RunningMean | Role::RunningVar))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect(),
+    }
+}
+
+/// Collects FedTiny's top-K gradients of pruned positions on the last step of an epoch. Before
+/// that step it asks the selected tensors for dense gradients (so a sparse kernel computes
+/// them); the extra memory is one tensor's gradient plus K entries per tensor.
+struct TopKHook<'a> {
+    requests: &'a [(String, usize)],
+    lists: Vec<(String, Vec<(u32, f32)>)>,
+}
+
+impl StepHooks for TopKHook<'_> {
+    fn before_step(
+        &mut self,
+        _step: usize,
+        last: bool,
+        model: &mut Model,
+        _optimizer: &mut dyn Optimizer,
+    ) {
+        if last {
+            let wanted = self.requests;
+            model.visit_mut(&mut |name, slot| {
+                if let SlotMut::Param(p) = slot
+                    && wanted.iter().any(|(n, _)| n == name)
+                {
+                    p.dense_grad = true;
+                }
+            });
+        }
+    }
+
+    fn before_optimizer_step(
+        &mut self,
+        last: bool,
+        model: &mut Model,
+    ) -> fedtiny_common::Result<()> {
+        if !last {
+            return Ok(());
+        }
+        let wanted = self.requests;
+        let mut lists = Vec::new();
+        model.visit_mut(&mut |name, slot| {
+            if let SlotMut::Param(p) = slot
+                && let Some((_, k)) = wanted.iter().find(|(n, _)| n == name)
+                && let (Some(mask), Some(g)) = (p.mask(), p.grad.as_slice())
+            {
+                lists.push((name.to_string(), top_k_pruned_gradient(g, mask, *k)));
+                p.dense_grad = false;
+            }
+        });
+        self.lists = lists;
+        Ok(())
     }
 }

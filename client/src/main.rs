@@ -9,7 +9,6 @@ use clap::Parser;
 use fedtiny_client::session::{self, Outcome, SessionConfig};
 use fedtiny_client::{ClientApp, LocalData};
 use fedtiny_common::data::{DatasetKind, Partitioner};
-use fedtiny_common::rng;
 use fedtiny_proto::tls::ClientTlsFiles;
 
 #[derive(Parser)]
@@ -49,6 +48,10 @@ struct Args {
     /// Seed of the partition (the run's seed, so all clients agree).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Images per class the coordinator keeps as its stage-0 server set (the run's
+    /// `stage0.n_shots`): they are removed before partitioning, so no client holds them.
+    #[arg(long, default_value_t = 5)]
+    reserve_shots: usize,
     /// Kernel threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -96,10 +99,15 @@ fn main() -> Result<()> {
                 Some(alpha) => Partitioner::Dirichlet { alpha },
                 None => Partitioner::Iid,
             };
-            let mut r = rng::derived(a.seed, "partition", 0);
-            let mut parts = p
-                .split(train.labels(), train.classes(), n, &mut r)
-                .context("partitioning the training split")?;
+            let mut parts = fedtiny_common::data::split::client_partitions(
+                train.labels(),
+                train.classes(),
+                &p,
+                n,
+                a.reserve_shots,
+                a.seed,
+            )
+            .context("partitioning the training split")?;
             std::mem::take(&mut parts[k])
         }
         _ => (0..train.len()).collect(),

@@ -148,6 +148,15 @@ pub async fn run(cfg: SessionConfig, app: ClientApp) -> Result<Outcome, ClientEr
     }
 }
 
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn serve_tasks(
     cfg: &SessionConfig,
     mut client: FederationClient<Channel>,
@@ -217,8 +226,10 @@ async fn serve_tasks(
                 "task payload failed its length or CRC check".into(),
             ));
         }
-        // Compute in a blocking thread while heartbeats keep the session alive.
-        let hb = {
+        // Compute in a blocking thread while heartbeats keep the session alive. The heartbeat
+        // task stops with the task, and also if this session is dropped mid-task (aborted by
+        // its owner): it must not keep a dead session alive.
+        let hb = AbortOnDrop({
             let mut c = client.clone();
             let (session, task) = (session.clone(), header.task_id.clone());
             let every = Duration::from_millis(u64::from(join.heartbeat_interval_ms).max(100));
@@ -236,7 +247,7 @@ async fn serve_tasks(
                     }
                 }
             })
-        };
+        });
         let (app2, pool2, limits2) = (app.clone(), pool.clone(), limits);
         let outcome = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ClientError> {
             let mut app = app2
@@ -251,7 +262,7 @@ async fn serve_tasks(
         })
         .await
         .map_err(|e| ClientError::Wire(format!("task thread failed: {e}")));
-        hb.abort();
+        drop(hb);
         let outcome = outcome.and_then(|r| r);
         let submit = match outcome {
             Ok(bytes) => {

@@ -20,6 +20,7 @@
 //! - [`aggregate`]: sample-weighted federated averaging of states.
 //! - [`codec`]: tensor and mask encodings for the wire (dense, bitmap, indices, mask order).
 //! - [`pruning`]: layer budgets, top-k, random and magnitude masks.
+//! - [`fedtiny`]: FedTiny's candidate masks, schedule, streaming top-K and prune-and-grow.
 //! - [`train`]: the local training and evaluation loops every component shares.
 //! - [`cost`]: FLOPs per layer (dense and at the mask's density) and the client memory model.
 //! - [`parallel`]: the thread pool that kernels use.
@@ -35,6 +36,7 @@ pub mod codec;
 pub mod cost;
 pub mod data;
 pub mod error;
+pub mod fedtiny;
 pub mod kernels;
 pub mod layers;
 pub mod loss;

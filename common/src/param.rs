@@ -43,6 +43,10 @@ pub struct Param {
     pub role: Role,
     /// Whether pruning may mask this tensor (conv and linear weights except the stem).
     pub prunable: bool,
+    /// When set, backward writes the full dense gradient (pruned positions included) even where
+    /// a sparse kernel computes the forward pass: FedTiny's adjustment rounds need it for the
+    /// selected tensors. Otherwise only the gradient at active positions is meaningful.
+    pub dense_grad: bool,
     mask: Option<Mask>,
 }
 
@@ -55,6 +59,7 @@ impl Param {
             grad,
             role,
             prunable: false,
+            dense_grad: false,
             mask: None,
         }
     }

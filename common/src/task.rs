@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::data::Augment;
+use crate::fedtiny::Allocation;
 use crate::mask::MaskSet;
 use crate::models::ModelSpec;
 use crate::optim::OptimizerConfig;
@@ -61,6 +62,10 @@ pub struct TrainTask {
     pub training: LocalTraining,
     /// Seed of this client's randomness in this round (shuffling, augmentation).
     pub seed: u64,
+    /// FedTiny adjustment: report the top-K gradient of the pruned positions of these tensors
+    /// (name, K), taken on the last mini-batch of the last local epoch. Empty otherwise.
+    #[serde(default)]
+    pub adjust: Vec<(String, usize)>,
 }
 
 /// What a client returns after training.
@@ -82,6 +87,87 @@ pub struct TrainResult {
     pub seconds: f64,
     /// Peak resident memory of the client process, where known.
     pub peak_rss_bytes: Option<u64>,
+    /// Top-K gradient lists answering [`TrainTask::adjust`]: per tensor, (index, gradient)
+    /// pairs at pruned positions, ascending by index.
+    #[serde(default)]
+    pub topk: Vec<(String, Vec<(u32, f32)>)>,
+}
+
+/// The candidate masks of FedTiny's adaptive BatchNorm selection, each rebuilt by the client
+/// from the dense weights `w0` it was sent, the density, the allocation and a seed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidateSet {
+    /// Target density of every candidate.
+    pub density: f64,
+    /// Layer-wise allocation rule.
+    pub allocation: Allocation,
+    /// One seed per candidate.
+    pub seeds: Vec<u64>,
+}
+
+/// Which of its samples a client uses for validation: a seeded shuffle of its training
+/// indices, of which the first `fraction` (at least 2 samples) are taken.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Validation {
+    /// Fraction of the client's samples.
+    pub fraction: f64,
+    /// Seed of the shuffle (the same in both ABNS stages, so both use the same subset).
+    pub seed: u64,
+}
+
+/// ABNS stage 1a: for each candidate, re-estimate BatchNorm running statistics on the local
+/// validation subset (train-mode forward passes, no gradients, γ/β unchanged).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrateTask {
+    /// The round (0 for the bootstrap before round 1).
+    pub round: u64,
+    /// The dense pre-trained model `w0` (masks: the empty set).
+    pub model: ModelPayload,
+    /// The candidates.
+    pub candidates: CandidateSet,
+    /// Passes over the validation subset.
+    pub passes: usize,
+    /// Samples per forward pass.
+    pub batch_size: usize,
+    /// The validation subset.
+    pub validation: Validation,
+}
+
+/// ABNS stage 1a's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrateResult {
+    /// The round of the task.
+    pub round: u64,
+    /// Validation samples used (the weight of this client's statistics).
+    pub val_count: usize,
+    /// Per candidate, the BatchNorm running means and variances.
+    pub bn: Vec<StateDict>,
+}
+
+/// ABNS stage 1c: evaluate every candidate with the averaged BatchNorm statistics.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidateEvalTask {
+    /// The round (0 for the bootstrap).
+    pub round: u64,
+    /// The dense pre-trained model `w0`.
+    pub model: ModelPayload,
+    /// The candidates.
+    pub candidates: CandidateSet,
+    /// Per candidate, the averaged BatchNorm running statistics.
+    pub bn: Vec<StateDict>,
+    /// Samples per evaluation batch.
+    pub batch_size: usize,
+    /// The validation subset.
+    pub validation: Validation,
+}
+
+/// ABNS stage 1c's answer: per candidate, (loss sum, correct, count) on the validation subset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidateEvalResult {
+    /// The round of the task.
+    pub round: u64,
+    /// Per candidate.
+    pub stats: Vec<EvaluateResult>,
 }
 
 /// Evaluate the global model on local test data.
@@ -115,6 +201,10 @@ pub enum Task {
     Train(TrainTask),
     /// Local evaluation.
     Evaluate(EvaluateTask),
+    /// BatchNorm re-estimation per candidate mask.
+    Calibrate(CalibrateTask),
+    /// Evaluation of candidate masks with averaged BatchNorm statistics.
+    EvaluateCandidates(CandidateEvalTask),
 }
 
 impl Task {
@@ -123,6 +213,8 @@ impl Task {
         match self {
             Task::Train(t) => t.round,
             Task::Evaluate(t) => t.round,
+            Task::Calibrate(t) => t.round,
+            Task::EvaluateCandidates(t) => t.round,
         }
     }
 }
@@ -134,4 +226,22 @@ pub enum TaskResult {
     Train(TrainResult),
     /// Answer to [`Task::Evaluate`].
     Evaluate(EvaluateResult),
+    /// Answer to [`Task::Calibrate`].
+    Calibrate(CalibrateResult),
+    /// Answer to [`Task::EvaluateCandidates`].
+    EvaluateCandidates(CandidateEvalResult),
+}
+
+/// A client's validation subset: the first `fraction` (at least 2, at most all) of its training
+/// indices after a shuffle seeded by `v.seed`.
+pub fn validation_indices(train: &[usize], v: &Validation) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    let mut idx = train.to_vec();
+    idx.shuffle(&mut crate::rng::derived(v.seed, "validation", 0));
+    let n = ((v.fraction * train.len() as f64).ceil() as usize)
+        .max(2)
+        .min(train.len());
+    idx.truncate(n);
+    idx.sort_unstable();
+    idx
 }

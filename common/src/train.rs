@@ -63,8 +63,21 @@ impl PassStats {
 
 /// Callbacks around every training step.
 pub trait StepHooks {
-    /// Before step `step` (counted from 0 within the epoch): may change the learning rate.
-    fn before_step(&mut self, _step: usize, _optimizer: &mut dyn Optimizer) {}
+    /// Before step `step` (counted from 0 within the epoch; `last` for the epoch's last step):
+    /// may change the learning rate or flag tensors for dense gradients.
+    fn before_step(
+        &mut self,
+        _step: usize,
+        _last: bool,
+        _model: &mut Model,
+        _optimizer: &mut dyn Optimizer,
+    ) {
+    }
+    /// After backward and before the optimizer step: the gradients of this step are in the
+    /// model's parameters. Errors abort the epoch.
+    fn before_optimizer_step(&mut self, _last: bool, _model: &mut Model) -> Result<()> {
+        Ok(())
+    }
     /// After a step, with the number of samples processed so far in the epoch.
     fn after_step(&mut self, _samples_done: usize) {}
 }
@@ -132,11 +145,16 @@ pub fn train_epoch(
     order.shuffle(rng);
     let mut bufs = BatchBuffers::new();
     let mut stats = PassStats::default();
+    let steps = order
+        .chunks(opts.batch_size)
+        .filter(|c| c.len() >= 2)
+        .count();
     for (step, chunk) in order.chunks(opts.batch_size).enumerate() {
         if chunk.len() < 2 {
             continue;
         }
-        hooks.before_step(step, optimizer);
+        let last = step + 1 == steps;
+        hooks.before_step(step, last, model, optimizer);
         let x = bufs.fill(data, chunk, opts, Some(rng))?;
         let logits = model.forward(x, Mode::Train)?;
         let out = softmax_cross_entropy(&logits, &bufs.labels)?;
@@ -144,6 +162,7 @@ pub fn train_epoch(
             return Err(Error::NonFinite("training loss (diverged)".into()));
         }
         model.backward(out.grad)?;
+        hooks.before_optimizer_step(last, model)?;
         optimizer.step(model)?;
         stats.loss_sum += out.loss_sum;
         stats.correct += out.correct;

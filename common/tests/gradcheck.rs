@@ -20,12 +20,15 @@
 //! analytic −1.311).
 #![allow(clippy::unwrap_used)]
 
+use fedtiny_common::kernels::sparse::policy::SparseMode;
 use fedtiny_common::layers::*;
 use fedtiny_common::loss::softmax_cross_entropy;
+use fedtiny_common::mask::Mask;
 use fedtiny_common::models::{Arch, Model, ModelSpec};
 use fedtiny_common::rng::{self, Rng};
 use fedtiny_common::tensor::{Mode, Tensor, from_vec};
 use rand::RngExt;
+use rand::seq::SliceRandom;
 
 const EPS: f64 = 1e-3;
 /// Step of the whole-model directional checks (see `model_gradients_end_to_end`).
@@ -189,6 +192,107 @@ fn linear_gradients() {
     let x = random_tensor(&[3, 7], &mut rng::seeded(2));
     let make = || -> Box<dyn Layer> { Box::new(Linear::new(7, 5, &mut rng::seeded(6)).unwrap()) };
     check("linear", &make, &x, 100);
+}
+
+/// Masks the layer's `weight` at `density` (a seeded random choice, at least one entry).
+fn masked<L: Layer>(mut layer: L, density: f64, seed: u64) -> L {
+    layer.visit_mut("", &mut |name, slot| {
+        if let SlotMut::Param(p) = slot
+            && name == "weight"
+        {
+            let n = p.len();
+            let keep = ((density * n as f64).round() as usize).max(1);
+            let mut idx: Vec<usize> = (0..n).collect();
+            idx.shuffle(&mut rng::seeded(seed));
+            idx.truncate(keep);
+            p.set_mask(Some(Mask::from_indices(n, &idx).unwrap()))
+                .unwrap();
+        }
+    });
+    layer
+}
+
+/// Asserts that the active weights of `layer` got non-trivial gradients (so a check over them
+/// is not vacuous) and that the pruned ones got exactly zero.
+fn assert_sparse_weight_grad(layer: &dyn Layer) {
+    layer.visit("", &mut |name, slot| {
+        if let Slot::Param(p) = slot
+            && name == "weight"
+        {
+            let m = p.mask().unwrap();
+            let g = p.grad.as_slice().unwrap();
+            assert!((0..g.len()).filter(|&i| !m.get(i)).all(|i| g[i] == 0.0));
+            assert!(m.iter_active().any(|i| g[i].abs() > 1e-2));
+        }
+    });
+}
+
+/// The sparse kernels, through the layers (forced on, and checked to have run), against finite
+/// differences. The forward pass of a sparse layer ignores pruned weights, so the numeric
+/// derivative there is 0, as is the analytic one; every coordinate of the small weights is
+/// checked.
+#[test]
+fn conv2d_gradients_with_sparse_masks() {
+    let mut r = rng::seeded(21);
+    for (cin, cout, k, stride, pad, bias, h, density) in [
+        (3, 4, 3, 1, 1, true, 5, 0.3),
+        (2, 3, 3, 2, 1, false, 7, 0.1),
+        (3, 5, 1, 1, 0, true, 4, 0.5),
+        (4, 2, 1, 2, 0, false, 6, 0.2),
+    ] {
+        let x = random_tensor(&[2, h, h + 1, cin], &mut r);
+        let make_conv = move || {
+            let conv = Conv2d::new(cin, cout, k, stride, pad, bias, &mut rng::seeded(5))
+                .unwrap()
+                .prunable()
+                .with_sparse_mode(SparseMode::Always);
+            masked(conv, density, 9)
+        };
+        let mut probe = make_conv();
+        let y = probe.forward(x.clone(), Mode::Train).unwrap();
+        assert!(
+            probe.ran_sparse(),
+            "conv k{k} s{stride}: sparse path not taken"
+        );
+        probe.backward(y).unwrap();
+        assert_sparse_weight_grad(&probe);
+        let make = move || -> Box<dyn Layer> { Box::new(make_conv()) };
+        check(
+            &format!("sparse conv k{k} s{stride} p{pad} d{density}"),
+            &make,
+            &x,
+            1000,
+        );
+    }
+}
+
+#[test]
+fn linear_gradients_with_sparse_masks() {
+    for (fi, fo, rows, density) in [(7, 5, 3, 0.3), (40, 9, 5, 0.05), (13, 17, 2, 0.5)] {
+        let x = random_tensor(&[rows, fi], &mut rng::seeded(22));
+        let make_linear = move || {
+            let l = Linear::new(fi, fo, &mut rng::seeded(6))
+                .unwrap()
+                .prunable()
+                .with_sparse_mode(SparseMode::Always);
+            masked(l, density, 10)
+        };
+        let mut probe = make_linear();
+        let y = probe.forward(x.clone(), Mode::Train).unwrap();
+        assert!(
+            probe.ran_sparse(),
+            "linear {fi}x{fo}: sparse path not taken"
+        );
+        probe.backward(y).unwrap();
+        assert_sparse_weight_grad(&probe);
+        let make = move || -> Box<dyn Layer> { Box::new(make_linear()) };
+        check(
+            &format!("sparse linear {fi}x{fo} d{density}"),
+            &make,
+            &x,
+            1000,
+        );
+    }
 }
 
 #[test]

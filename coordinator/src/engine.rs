@@ -150,6 +150,12 @@ impl RoundEngine {
         if self.rounds_done < self.cfg.run.rounds {
             interrupted = !self.wait_for_clients(pool.as_ref(), &mut stop).await?;
         }
+        if !interrupted && self.rounds_done == 0 {
+            interrupted = !self.bootstrap(pool.as_ref(), &mut stop).await?;
+            if !interrupted {
+                self.checkpoint()?;
+            }
+        }
         while !interrupted && self.rounds_done < self.cfg.run.rounds {
             let round = self.rounds_done + 1;
             match self.round(round, pool.as_ref(), &mut stop).await? {
@@ -217,6 +223,97 @@ impl RoundEngine {
         }
     }
 
+    /// The strategy's round trips before round 1 (clients sampled as "round 0"); false when
+    /// stopped. Recorded as round 0 in the metrics when any task ran.
+    async fn bootstrap(
+        &mut self,
+        pool: &dyn ClientPool,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool> {
+        let started = Instant::now();
+        let sampled = self.sample(0, pool.available());
+        let ids: Vec<ClientId> = sampled.iter().map(|p| p.id().clone()).collect();
+        let deadline = Duration::from_secs_f64(self.cfg.run.round_deadline_secs);
+        let mut replies = None;
+        let (mut bytes_down, mut bytes_up, mut steps) = (0u64, 0u64, 0usize);
+        let mut failures: Vec<(String, String)> = Vec::new();
+        let mut answered = 0usize;
+        loop {
+            let (tasks, masks) = match (self.strategy.as_mut(), self.global.as_mut()) {
+                (Some(s), Some(g)) => (
+                    s.bootstrap(g, &ids, replies.take())?,
+                    Arc::new(g.masks.clone()),
+                ),
+                _ => return Err(CoordinatorError::Join("engine state lost".into())),
+            };
+            let Some(tasks) = tasks else { break };
+            steps += 1;
+            let mut calls = Vec::new();
+            for (id, task) in tasks {
+                let Some(proxy) = sampled.iter().find(|p| p.id() == &id) else {
+                    continue;
+                };
+                let fut = proxy.execute(task, masks.clone());
+                calls.push(async move {
+                    let out = match tokio::time::timeout(deadline, fut).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Failure::Timeout),
+                    };
+                    (id, out)
+                });
+            }
+            let outcomes = tokio::select! {
+                o = futures::future::join_all(calls) => o,
+                _ = stop.changed() => return Ok(false),
+            };
+            let mut step_replies = Vec::new();
+            for (id, out) in outcomes {
+                match out {
+                    Ok(Reply { result, traffic }) => {
+                        bytes_down += traffic.bytes_down;
+                        bytes_up += traffic.bytes_up;
+                        answered += 1;
+                        step_replies.push((id, Ok(result)));
+                    }
+                    Err(f) => {
+                        tracing::warn!(client = %id, reason = %f, "bootstrap task failed");
+                        failures.push((id.to_string(), f.to_string()));
+                        step_replies.push((id, Err(f)));
+                    }
+                }
+            }
+            replies = Some(step_replies);
+        }
+        if steps > 0 {
+            let (_, g) = self.parts()?;
+            let m = RoundMetrics {
+                round: 0,
+                sampled: ids.len(),
+                participants: answered.checked_div(steps).unwrap_or(0),
+                failures,
+                aggregated: true,
+                train_loss: None,
+                test_accuracy: None,
+                test_loss: None,
+                density: g.density(),
+                mask_version: g.masks.version,
+                bytes_down,
+                bytes_up,
+                client_peak_rss_bytes: None,
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            tracing::info!(
+                steps,
+                bytes_down,
+                bytes_up,
+                density = m.density,
+                "bootstrap done"
+            );
+            self.run.append_metric(&m)?;
+            self.history.push(m);
+        }
+        Ok(true)
+    }
     fn sample(
         &self,
         round: u64,
@@ -391,6 +488,7 @@ impl RoundEngine {
         let model_path = self.run.path().join(FINAL_MODEL_FILE);
         checkpoint::save_model(&model_path, global)?;
         let (p, dense) = global.sizes();
+        let strategy_state = strategy.state();
         let last_eval = self
             .history
             .iter()
@@ -401,7 +499,8 @@ impl RoundEngine {
             .iter()
             .enumerate()
             .filter(|(i, m)| {
-                m.participants > 0
+                m.round > 0
+                    && m.participants > 0
                     && (*i == 0 || self.history[i - 1].mask_version == m.mask_version)
                     && *i > 0
             })
@@ -429,6 +528,7 @@ impl RoundEngine {
             total_bytes_up: self.history.iter().map(|m| m.bytes_up).sum(),
             interrupted,
             final_model: model_path.display().to_string(),
+            strategy_state,
         };
         self.run.write_json("summary.json", &summary)?;
         Ok(summary)

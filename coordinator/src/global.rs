@@ -77,3 +77,21 @@ impl GlobalModel {
         (p, dense)
     }
 }
+
+/// The BatchNorm running statistics of a state (the tensors ABNS re-estimates).
+pub fn running_stats(state: &StateDict) -> StateDict {
+    StateDict {
+        entries: state
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                matches!(
+                    e.role,
+                    fedtiny_common::param::Role::RunningMean
+                        | fedtiny_common::param::Role::RunningVar
+                )
+            })
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect(),
+    }
+}

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use fedtiny_common::codec::Limits;
 use fedtiny_common::mask::MaskSet;
-use fedtiny_common::task::{ClientId, Task};
+use fedtiny_common::state::StateDict;
+use fedtiny_common::task::{ClientId, Task, TaskResult};
 use fedtiny_proto::chunk::crc32;
 use fedtiny_proto::convert;
 use tokio::sync::{Notify, oneshot};
@@ -41,11 +42,14 @@ pub struct PendingTask {
     pub masks: Arc<MaskSet>,
     /// The result bytes uploaded so far.
     pub upload: Vec<u8>,
+    /// Name and shape of every tensor a training result must have (the task's model state).
+    layout: Vec<(String, Vec<usize>)>,
     reply: Option<oneshot::Sender<Result<Reply, Failure>>>,
 }
 
 impl PendingTask {
-    fn fail(&mut self, f: Failure) {
+    /// Resolves the task as failed (once; later calls do nothing).
+    pub(crate) fn fail(&mut self, f: Failure) {
         if let Some(tx) = self.reply.take() {
             let _ = tx.send(Err(f));
         }
@@ -64,6 +68,9 @@ pub struct Slot {
     pub memory_budget_bytes: u64,
     /// The task in its mailbox, if any.
     pub pending: Option<PendingTask>,
+    /// The mask version this session has shown it holds (by answering a task masked with it).
+    /// A new session starts with none, whatever the engine remembers of the client.
+    held_masks: Option<u64>,
     notify: Arc<Notify>,
 }
 
@@ -176,6 +183,7 @@ impl Hub {
                 num_train_samples,
                 memory_budget_bytes,
                 pending: None,
+                held_masks: None,
                 notify: Arc::new(Notify::new()),
             },
         );
@@ -285,8 +293,17 @@ impl Hub {
             p.fail(Failure::Invalid(m.clone()));
             return Err(HubError::Invalid(m));
         }
-        match convert::decode_result(&upload, &p.masks, p.round, &limits) {
+        let decoded = convert::decode_result(&upload, &p.masks, p.round, &limits)
+            .map_err(|e| e.to_string())
+            .and_then(|result| check_result(p, &result).map(|()| result));
+        match decoded {
             Ok(result) => {
+                if let TaskResult::Train(r) = &result {
+                    let _ = self.with_slot(id, session, |s| {
+                        s.held_masks = Some(r.mask_version);
+                        Ok(())
+                    });
+                }
                 if let Some(tx) = p.reply.take() {
                     let _ = tx.send(Ok(Reply {
                         result,
@@ -307,6 +324,11 @@ impl Hub {
         }
     }
 
+    /// The mask version the session of a client has shown it holds.
+    fn held_masks(&self, id: &ClientId) -> Option<u64> {
+        self.lock().get(id).and_then(|s| s.held_masks)
+    }
+
     fn put_task(&self, id: &ClientId, task: PendingTask) -> Result<(), Failure> {
         let mut slots = self.lock();
         let slot = slots
@@ -320,6 +342,74 @@ impl Hub {
         slot.notify.notify_one();
         Ok(())
     }
+}
+
+/// The model a task carries.
+fn model_mut(task: &mut Task) -> Option<&mut fedtiny_common::task::ModelPayload> {
+    match task {
+        Task::Train(t) => Some(&mut t.model),
+        Task::Evaluate(t) => Some(&mut t.model),
+        _ => None,
+    }
+}
+
+fn layout_of(state: &StateDict) -> Vec<(String, Vec<usize>)> {
+    state
+        .entries
+        .iter()
+        .map(|(name, e)| (name.clone(), e.shape.clone()))
+        .collect()
+}
+
+/// Checks a decoded result against its task: the kind of answer, and for a training result the
+/// name and shape of every tensor. (The engine validates again against the global model; these
+/// checks run here so that the client hears of a malformed result.)
+fn check_result(p: &PendingTask, result: &TaskResult) -> Result<(), String> {
+    use fedtiny_proto::pb::TaskKind;
+    let kind_ok = matches!(
+        (p.kind, result),
+        (TaskKind::Train, TaskResult::Train(_))
+            | (TaskKind::Evaluate, TaskResult::Evaluate(_))
+            | (TaskKind::Calibrate, TaskResult::Calibrate(_))
+            | (
+                TaskKind::EvaluateCandidates,
+                TaskResult::EvaluateCandidates(_)
+            )
+    );
+    if !kind_ok {
+        return Err(format!(
+            "expected a {} result",
+            match p.kind {
+                TaskKind::Train => "training",
+                TaskKind::Evaluate => "evaluation",
+                TaskKind::Calibrate => "calibration",
+                TaskKind::EvaluateCandidates => "candidate evaluation",
+                TaskKind::Unspecified => "task",
+            }
+        ));
+    }
+    if let TaskResult::Train(r) = result {
+        if r.state.entries.len() != p.layout.len() {
+            return Err(format!(
+                "{} tensors, expected {}",
+                r.state.entries.len(),
+                p.layout.len()
+            ));
+        }
+        for (name, shape) in &p.layout {
+            match r.state.entries.get(name) {
+                None => return Err(format!("missing tensor `{name}`")),
+                Some(e) if &e.shape != shape => {
+                    return Err(format!(
+                        "tensor `{name}` has shape {:?}, expected {shape:?}",
+                        e.shape
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The engine's handle on a gRPC client.
@@ -337,6 +427,21 @@ impl ClientProxy for GrpcProxy {
         let hub = self.hub.clone();
         let id = self.id.clone();
         Box::pin(async move {
+            let mut task = task;
+            // The engine omits the masks for a client it saw answer with them, but a client that
+            // came back (a new session, maybe a new process) may have lost them: send them again
+            // until this session has shown it holds them.
+            if hub.held_masks(&id) != Some(masks.version)
+                && let Some(model) = model_mut(&mut task)
+                && model.masks.is_none()
+                && model.mask_version == masks.version
+            {
+                model.masks = Some((*masks).clone());
+            }
+            let layout = match &task {
+                Task::Train(t) => layout_of(&t.model.state),
+                _ => Vec::new(),
+            };
             let payload = convert::encode_task(&task, Some(&masks))
                 .map_err(|e| Failure::Invalid(format!("encoding the task: {e}")))?;
             let (tx, rx) = oneshot::channel();
@@ -348,6 +453,7 @@ impl ClientProxy for GrpcProxy {
                 payload: Arc::new(payload),
                 masks,
                 upload: Vec::new(),
+                layout,
                 reply: Some(tx),
             };
             hub.put_task(&id, pending)?;

@@ -6,11 +6,13 @@
 //!   TOML with unknown keys refused.
 //! - [`global`]: the global model (architecture, state, versioned masks).
 //! - [`strategy`]: [`strategy::Strategy`] (configure and aggregate rounds, no I/O) and its
-//!   implementations: sparse FedAvg on a fixed mask.
+//!   implementations: FedTiny, sparse FedAvg on a fixed mask (dense, random, magnitude, SNIP),
+//!   iterative magnitude pruning.
 //! - [`proxy`]: the coordinator's handle on a client ([`proxy::ClientProxy`]) and the set of
 //!   reachable clients ([`proxy::ClientPool`]); failures are values ([`proxy::Failure`]).
 //! - [`engine`]: [`engine::RoundEngine`], the one place rounds are driven: sampling, deadlines,
 //!   validation, aggregation, evaluation, metrics, checkpoints.
+//! - [`stage0`]: the server's labelled set, dense pre-training, SNIP masks.
 //! - [`evaluate`]: server-side evaluation on a held-out test set.
 //! - [`checkpoint`]: atomic, verified checkpoints and model files (bincode 2, this module only).
 //! - [`metrics`]: per-round metrics and the run summary.
@@ -32,6 +34,7 @@ pub mod proxy;
 pub mod run_dir;
 pub mod server;
 pub mod service;
+pub mod stage0;
 pub mod strategy;
 
 pub use error::{CoordinatorError, Result};

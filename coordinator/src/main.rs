@@ -138,7 +138,8 @@ fn main() -> Result<()> {
             }
             cfg.validate()
                 .context("invalid configuration after overrides")?;
-            let test = server::load_test_set(&cfg.federation).context("loading the test set")?;
+            let data =
+                server::load_server_data(&cfg.federation).context("loading the server's data")?;
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             let summary = runtime.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(false);
@@ -151,7 +152,7 @@ fn main() -> Result<()> {
                     Some(dir) => Start::Resume(dir),
                     None => Start::Fresh,
                 };
-                server::serve(cfg, start, test, rx, |addr, dir| {
+                server::serve(cfg, start, data, rx, |addr, dir| {
                     println!("listening on {addr}; run folder {}", dir.display());
                 })
                 .await

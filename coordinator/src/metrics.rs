@@ -69,4 +69,6 @@ pub struct RunSummary {
     pub interrupted: bool,
     /// Path of the exported final model.
     pub final_model: String,
+    /// The strategy's own record (FedTiny: the selected candidate and the candidates' losses).
+    pub strategy_state: serde_json::Value,
 }

@@ -19,29 +19,56 @@ use crate::hub::{GrpcPool, Hub};
 use crate::metrics::RunSummary;
 use crate::run_dir::RunDir;
 use crate::service::FederationService;
-use crate::strategy::{FedAvg, Strategy};
+use crate::stage0::ServerSet;
+use crate::strategy;
 
 /// File in the run folder holding the address the server listens on.
 pub const ADDRESS_FILE: &str = "listen_addr";
 
-/// The strategy a config names.
-pub fn strategy(cfg: &FederatedConfig) -> Box<dyn Strategy> {
-    Box::new(FedAvg::new(
-        cfg.run.seed,
-        cfg.mask.density,
-        cfg.mask.rule,
-        cfg.training.clone(),
-    ))
+/// The data the coordinator holds: its test set, and the stage-0 server set (drawn from the
+/// training split, which no client is given).
+#[derive(Clone)]
+pub struct ServerData {
+    /// Held-out evaluation data.
+    pub test: Arc<Dataset>,
+    /// The stage-0 server set, when `stage0.n_shots > 0`.
+    pub server_set: Option<ServerSet>,
 }
 
-/// Loads the server's test set.
-pub fn load_test_set(cfg: &FederatedConfig) -> Result<Arc<Dataset>> {
+/// Loads the server's data from `eval.data_dir`.
+pub fn load_server_data(cfg: &FederatedConfig) -> Result<ServerData> {
     let splits = cfg
         .model
         .dataset
         .load(&cfg.eval.data_dir)
         .map_err(fedtiny_common::Error::from)?;
-    Ok(Arc::new(splits.test))
+    let train = Arc::new(splits.train);
+    Ok(ServerData {
+        test: Arc::new(splits.test),
+        server_set: server_set(cfg, train),
+    })
+}
+
+/// The stage-0 server set of a run drawn from `train` (None when `stage0.n_shots` is 0).
+pub fn server_set(cfg: &FederatedConfig, train: Arc<Dataset>) -> Option<ServerSet> {
+    (cfg.stage0.n_shots > 0).then(|| {
+        let (indices, _) = crate::stage0::server_split(
+            train.labels(),
+            train.classes(),
+            cfg.stage0.n_shots,
+            cfg.run.seed,
+        );
+        ServerSet {
+            data: train,
+            indices,
+            normalization: cfg.model.dataset.normalization(),
+        }
+    })
+}
+
+/// Loads the server's test set.
+pub fn load_test_set(cfg: &FederatedConfig) -> Result<Arc<Dataset>> {
+    Ok(load_server_data(cfg)?.test)
 }
 
 /// How a run starts.
@@ -58,7 +85,7 @@ pub enum Start {
 pub async fn serve(
     cfg: ServeConfig,
     start: Start,
-    test: Arc<Dataset>,
+    data: ServerData,
     stop: watch::Receiver<bool>,
     on_listening: impl FnOnce(SocketAddr, &Path),
 ) -> Result<RunSummary> {
@@ -66,7 +93,7 @@ pub async fn serve(
     let fed = cfg.federation.clone();
     let config_toml = cfg.to_toml()?;
     let evaluator = Evaluator::new(
-        test,
+        data.test.clone(),
         fed.eval.test_limit,
         fed.model.dataset.normalization(),
         fed.eval.batch_size,
@@ -80,7 +107,13 @@ pub async fn serve(
                 )
             });
             let run = RunDir::create(&fed.output.dir, &name)?;
-            RoundEngine::new(fed.clone(), config_toml, strategy(&fed), evaluator, run)?
+            RoundEngine::new(
+                fed.clone(),
+                config_toml,
+                strategy::build(&fed, data.server_set.clone()),
+                evaluator,
+                run,
+            )?
         }
         Start::Resume(dir) => {
             let ckpt = checkpoint::load(&dir.join(CHECKPOINT_FILE))?;
@@ -89,7 +122,7 @@ pub async fn serve(
             RoundEngine::resume(
                 fed.clone(),
                 config_toml,
-                strategy(&fed),
+                strategy::build(&fed, data.server_set.clone()),
                 evaluator,
                 run,
                 ckpt,

@@ -14,7 +14,8 @@ use fedtiny_proto::pb::{self, poll_reply};
 use fedtiny_proto::tls;
 use tonic::{Request, Response, Status};
 
-use crate::hub::{Hub, HubError};
+use crate::hub::{Hub, HubError, PendingTask};
+use crate::proxy::Failure;
 
 /// The service implementation.
 pub struct FederationService {
@@ -141,6 +142,13 @@ impl Federation for FederationService {
             self.hub.server.chunk_bytes,
             self.hub.server.max_payload_bytes,
         );
+        // A result over the limit can never be accepted: its task fails at once (and leaves the
+        // mailbox), so the round does not wait for its deadline.
+        let too_big = |p: &mut PendingTask, m: String| {
+            tracing::warn!(client = %id, task = %r.task_id, "{m}");
+            p.fail(Failure::Invalid(m.clone()));
+            HubError::Invalid(m)
+        };
         let received = self.hub.with_slot(&id, &r.session_id, |s| {
             let p = s
                 .pending
@@ -155,7 +163,9 @@ impl Federation for FederationService {
                     "result of {} bytes exceeds the limit of {total_max}",
                     r.payload_bytes
                 );
-                return Err(HubError::Invalid(m));
+                let e = too_big(p, m);
+                s.pending = None;
+                return Err(e);
             }
             if r.data.len() > chunk_max {
                 return Err(HubError::Invalid(format!(
@@ -167,9 +177,9 @@ impl Federation for FederationService {
             let end = r.offset.saturating_add(r.data.len() as u64);
             if r.offset == have {
                 if end > total_max as u64 {
-                    return Err(HubError::Invalid(format!(
-                        "result exceeds the limit of {total_max} bytes"
-                    )));
+                    let e = too_big(p, format!("result exceeds the limit of {total_max} bytes"));
+                    s.pending = None;
+                    return Err(e);
                 }
                 p.upload.extend_from_slice(&r.data);
             } else if end == have

@@ -104,7 +104,7 @@ async fn damaged_checkpoints_are_refused_before_anything_runs() {
     }
     let path = server.run_dir.join(CHECKPOINT_FILE);
     let good = std::fs::read(&path).unwrap();
-    let test = fedtiny_coordinator::server::load_test_set(&cfg.federation).unwrap();
+    let data = fedtiny_coordinator::server::load_server_data(&cfg.federation).unwrap();
     for (what, bytes) in [
         ("truncated", good[..good.len() / 3].to_vec()),
         ("corrupt", {
@@ -119,7 +119,7 @@ async fn damaged_checkpoints_are_refused_before_anything_runs() {
         let err = fedtiny_coordinator::server::serve(
             cfg.clone(),
             Start::Resume(server.run_dir.clone()),
-            test.clone(),
+            data.clone(),
             rx,
             |_, _| panic!("a damaged checkpoint must not start a server"),
         )
@@ -140,7 +140,7 @@ async fn damaged_checkpoints_are_refused_before_anything_runs() {
     let err = fedtiny_coordinator::server::serve(
         other,
         Start::Resume(server.run_dir.clone()),
-        test,
+        data,
         rx,
         |_, _| panic!("a foreign checkpoint must not start a server"),
     )

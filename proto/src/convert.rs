@@ -17,21 +17,43 @@
 //! - A train result is masked against the mask set of its task; the coordinator decodes it
 //!   against the set it sent for that round.
 //!
+//! FedTiny's payloads:
+//! - A train task may ask for top-K gradient lists (`adjust`: tensor name and K); the result
+//!   answers with one list per tensor (`topk`), each a tensor in [`Encoding::IndexValues`]
+//!   ([`codec::encode_sparse`]) named after the tensor and with its shape. Requested tensors must
+//!   be prunable tensors of the task's model, each named once, with K at most their element
+//!   count; lists must name prunable tensors of the result's state with the same shape, once
+//!   each.
+//! - Adaptive BatchNorm selection sends a [`CandidateSet`] (density in (0, 1], 1 to
+//!   [`MAX_CANDIDATES`] seeds) and a [`Validation`] subset (fraction in (0, 1]); BatchNorm
+//!   statistics travel per candidate as a state of running means and variances (any encoding
+//!   but mask order, finite, variances non-negative), one per candidate. A candidate
+//!   evaluation task's statistics must be exactly the running statistics of its model; a
+//!   calibration result's candidates must all have the same tensors and shapes.
+//! - What [`decode_result`] cannot see (the result's candidate count against the task's, the
+//!   top-K lists against the requests, a calibration result's statistics against the model) is
+//!   checked by [`check_answer`], given the task.
+//!
 //! Decoding trusts nothing: malformed protobuf, missing messages and oneofs, unknown or
 //! unspecified enum values, numbers that do not fit or are out of range (zero epochs, a
 //! non-finite width, an accuracy above 1, ...) and every codec error become a [`WireError`].
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use fedtiny_common::codec::{
     self, EncodedMask, EncodedMaskSet, EncodedTensor, Encoding, Limits, MaskEncoding,
 };
 use fedtiny_common::data::Augment;
+use fedtiny_common::fedtiny::Allocation;
 use fedtiny_common::mask::MaskSet;
 use fedtiny_common::models::{Arch, ModelSpec};
 use fedtiny_common::optim::OptimizerConfig;
 use fedtiny_common::param::Role;
+use fedtiny_common::state::{StateDict, StateEntry};
 use fedtiny_common::task::{
+    CalibrateResult, CalibrateTask, CandidateEvalResult, CandidateEvalTask, CandidateSet,
     EvaluateResult, EvaluateTask, LocalTraining, ModelPayload, Task, TaskResult, TrainResult,
-    TrainTask,
+    TrainTask, Validation,
 };
 use prost::Message;
 
@@ -100,7 +122,99 @@ pub enum WireError {
         /// The result's round.
         actual: u64,
     },
+    /// A result answers another kind of task than the one it was given for.
+    #[error("a {actual} result does not answer a {expected} task")]
+    KindMismatch {
+        /// The task's kind.
+        expected: &'static str,
+        /// The result's kind.
+        actual: &'static str,
+    },
+    /// A list does not have the length another one prescribes (one entry per candidate, ...).
+    #[error("{field} has {actual} entries, expected {expected}")]
+    CountMismatch {
+        /// The field, as `Message.field`.
+        field: &'static str,
+        /// The length required.
+        expected: usize,
+        /// The length received.
+        actual: usize,
+    },
+    /// A name appears twice in a list whose names must be unique.
+    #[error("{field}: `{name}` appears twice")]
+    DuplicateName {
+        /// The field, as `Message.field`.
+        field: &'static str,
+        /// The repeated name.
+        name: String,
+    },
+    /// A tensor names no tensor of the state it refers to.
+    #[error("{field}: the state has no tensor `{tensor}`")]
+    UnknownTensor {
+        /// The field, as `Message.field`.
+        field: &'static str,
+        /// The tensor named.
+        tensor: String,
+    },
+    /// A tensor that must be present is not.
+    #[error("{field}: tensor `{tensor}` is missing")]
+    MissingTensor {
+        /// The field, as `Message.field`.
+        field: &'static str,
+        /// The tensor missing.
+        tensor: String,
+    },
+    /// A top-K request or list names a tensor that is not prunable.
+    #[error("{field}: tensor `{tensor}` is not prunable")]
+    NotPrunable {
+        /// The field, as `Message.field`.
+        field: &'static str,
+        /// The tensor named.
+        tensor: String,
+    },
+    /// A tensor's shape differs from the one of the tensor it refers to.
+    #[error("{field}: tensor `{tensor}` has shape {actual:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The field, as `Message.field`.
+        field: &'static str,
+        /// The tensor.
+        tensor: String,
+        /// The shape required.
+        expected: Vec<usize>,
+        /// The shape received.
+        actual: Vec<usize>,
+    },
+    /// A tensor's role differs from the one of the tensor it refers to.
+    #[error("{field}: tensor `{tensor}` has role {actual:?}, expected {expected:?}")]
+    RoleMismatch {
+        /// The field, as `Message.field`.
+        field: &'static str,
+        /// The tensor.
+        tensor: String,
+        /// The role required.
+        expected: Role,
+        /// The role received.
+        actual: Role,
+    },
+    /// A tensor among BatchNorm statistics is not a running mean or variance.
+    #[error("{field}: tensor `{tensor}` has role {role:?}, not a running statistic")]
+    NotRunningStatistic {
+        /// The field, as `Message.field`.
+        field: &'static str,
+        /// The tensor.
+        tensor: String,
+        /// Its role.
+        role: Role,
+    },
 }
+
+/// Top-K gradient lists: per tensor name, (index, value) pairs ascending by index (the shape of
+/// [`TrainResult::topk`]).
+pub type TopKLists = Vec<(String, Vec<(u32, f32)>)>;
+
+/// Most candidates a [`CandidateSet`] may hold (and so most BatchNorm statistics or evaluation
+/// results a message may carry).
+pub const MAX_CANDIDATES: usize = 64;
 
 /// Shorthand for results of this module.
 pub type Result<T, E = WireError> = std::result::Result<T, E>;
@@ -119,6 +233,8 @@ pub fn task_kind(task: &Task) -> pb::TaskKind {
     match task {
         Task::Train(_) => pb::TaskKind::Train,
         Task::Evaluate(_) => pb::TaskKind::Evaluate,
+        Task::Calibrate(_) => pb::TaskKind::Calibrate,
+        Task::EvaluateCandidates(_) => pb::TaskKind::EvaluateCandidates,
     }
 }
 
@@ -146,12 +262,31 @@ pub fn task_to_pb(task: &Task, held_masks: Option<&MaskSet>) -> Result<pb::TaskP
             model: Some(model_to_pb(&t.model, held_masks)?),
             training: Some(training_to_pb(&t.training)),
             seed: t.seed,
+            adjust: adjust_to_pb(&t.adjust),
         }),
         Task::Evaluate(t) => pb::task_payload::Task::Evaluate(pb::EvaluateTask {
             round: t.round,
             model: Some(model_to_pb(&t.model, held_masks)?),
             batch_size: t.batch_size as u64,
         }),
+        Task::Calibrate(t) => pb::task_payload::Task::Calibrate(pb::CalibrateTask {
+            round: t.round,
+            model: Some(model_to_pb(&t.model, held_masks)?),
+            candidates: Some(candidates_to_pb(&t.candidates)),
+            passes: t.passes as u64,
+            batch_size: t.batch_size as u64,
+            validation: Some(validation_to_pb(&t.validation)),
+        }),
+        Task::EvaluateCandidates(t) => {
+            pb::task_payload::Task::EvaluateCandidates(pb::CandidateEvalTask {
+                round: t.round,
+                model: Some(model_to_pb(&t.model, held_masks)?),
+                candidates: Some(candidates_to_pb(&t.candidates)),
+                bn: bn_to_pb(&t.bn)?,
+                batch_size: t.batch_size as u64,
+                validation: Some(validation_to_pb(&t.validation)),
+            })
+        }
     };
     Ok(pb::TaskPayload { task: Some(t) })
 }
@@ -165,20 +300,26 @@ pub fn task_from_pb(
     match p.task.ok_or(WireError::Missing {
         field: "TaskPayload.task",
     })? {
-        pb::task_payload::Task::Train(t) => Ok(Task::Train(TrainTask {
-            round: t.round,
-            model: model_from_pb(
+        pb::task_payload::Task::Train(t) => {
+            let model = model_from_pb(
                 t.model.ok_or(WireError::Missing {
                     field: "TrainTask.model",
                 })?,
                 held_masks,
                 limits,
-            )?,
-            training: training_from_pb(&t.training.ok_or(WireError::Missing {
+            )?;
+            let training = training_from_pb(&t.training.ok_or(WireError::Missing {
                 field: "TrainTask.training",
-            })?)?,
-            seed: t.seed,
-        })),
+            })?)?;
+            let adjust = adjust_from_pb(t.adjust, &model.state)?;
+            Ok(Task::Train(TrainTask {
+                round: t.round,
+                model,
+                training,
+                seed: t.seed,
+                adjust,
+            }))
+        }
         pb::task_payload::Task::Evaluate(t) => Ok(Task::Evaluate(EvaluateTask {
             round: t.round,
             model: model_from_pb(
@@ -190,6 +331,63 @@ pub fn task_from_pb(
             )?,
             batch_size: positive("EvaluateTask.batch_size", t.batch_size)?,
         })),
+        pb::task_payload::Task::Calibrate(t) => {
+            // The cheap checks first: the model is the bulk of the payload.
+            let candidates = candidates_from_pb(t.candidates.ok_or(WireError::Missing {
+                field: "CalibrateTask.candidates",
+            })?)?;
+            let passes = positive("CalibrateTask.passes", t.passes)?;
+            let batch_size = positive("CalibrateTask.batch_size", t.batch_size)?;
+            let validation = validation_from_pb(&t.validation.ok_or(WireError::Missing {
+                field: "CalibrateTask.validation",
+            })?)?;
+            let model = model_from_pb(
+                t.model.ok_or(WireError::Missing {
+                    field: "CalibrateTask.model",
+                })?,
+                held_masks,
+                limits,
+            )?;
+            Ok(Task::Calibrate(CalibrateTask {
+                round: t.round,
+                model,
+                candidates,
+                passes,
+                batch_size,
+                validation,
+            }))
+        }
+        pb::task_payload::Task::EvaluateCandidates(t) => {
+            const FIELD: &str = "CandidateEvalTask.bn";
+            let candidates = candidates_from_pb(t.candidates.ok_or(WireError::Missing {
+                field: "CandidateEvalTask.candidates",
+            })?)?;
+            expect_count(FIELD, candidates.seeds.len(), t.bn.len())?;
+            let batch_size = positive("CandidateEvalTask.batch_size", t.batch_size)?;
+            let validation = validation_from_pb(&t.validation.ok_or(WireError::Missing {
+                field: "CandidateEvalTask.validation",
+            })?)?;
+            let model = model_from_pb(
+                t.model.ok_or(WireError::Missing {
+                    field: "CandidateEvalTask.model",
+                })?,
+                held_masks,
+                limits,
+            )?;
+            let bn = bn_from_pb(t.bn, FIELD, limits)?;
+            let reference = running_statistics(&model.state);
+            for stats in &bn {
+                check_statistics(FIELD, &reference, stats)?;
+            }
+            Ok(Task::EvaluateCandidates(CandidateEvalTask {
+                round: t.round,
+                model,
+                candidates,
+                bn,
+                batch_size,
+                validation,
+            }))
+        }
     }
 }
 
@@ -200,8 +398,9 @@ pub fn encode_result(result: &TaskResult, masks: &MaskSet) -> Result<Vec<u8>> {
 }
 
 /// Decodes and validates a serialized [`pb::ResultPayload`] answering a task of round `round`
-/// whose model was masked with `masks` (the coordinator's set for that round): the round and, for
-/// a train result, the mask version must match.
+/// whose model was masked with `masks` (the coordinator's set for that round): the round (of
+/// every kind of result) and, for a train result, the mask version must match. Checks that need
+/// the task itself are [`check_answer`]'s.
 pub fn decode_result(
     bytes: &[u8],
     masks: &MaskSet,
@@ -238,14 +437,21 @@ pub fn result_to_pb(result: &TaskResult, masks: &MaskSet) -> Result<pb::ResultPa
                 train_accuracy: r.train_accuracy,
                 seconds: r.seconds,
                 peak_rss_bytes: r.peak_rss_bytes,
+                topk: topk_to_pb(&r.topk, &r.state)?,
             })
         }
-        TaskResult::Evaluate(r) => pb::result_payload::Result::Evaluate(pb::EvaluateResult {
+        TaskResult::Evaluate(r) => pb::result_payload::Result::Evaluate(evaluate_to_pb(r)),
+        TaskResult::Calibrate(r) => pb::result_payload::Result::Calibrate(pb::CalibrateResult {
             round: r.round,
-            loss_sum: r.loss_sum,
-            correct: r.correct as u64,
-            count: r.count as u64,
+            val_count: r.val_count as u64,
+            bn: bn_to_pb(&r.bn)?,
         }),
+        TaskResult::EvaluateCandidates(r) => {
+            pb::result_payload::Result::EvaluateCandidates(pb::CandidateEvalResult {
+                round: r.round,
+                stats: r.stats.iter().map(evaluate_to_pb).collect(),
+            })
+        }
     };
     Ok(pb::ResultPayload { result: Some(r) })
 }
@@ -270,35 +476,510 @@ pub fn result_from_pb(
                 });
             }
             let tensors = tensors_from_pb(r.state, limits)?;
+            let state = codec::decode_state(&tensors, Some(masks), limits)?;
+            let topk = topk_from_pb(r.topk, &state, limits)?;
             Ok(TaskResult::Train(TrainResult {
                 round: r.round,
                 mask_version: r.mask_version,
                 num_samples: positive("TrainResult.num_samples", r.num_samples)?,
-                state: codec::decode_state(&tensors, Some(masks), limits)?,
+                state,
                 train_loss: non_negative("TrainResult.train_loss", r.train_loss)?,
                 train_accuracy: fraction("TrainResult.train_accuracy", r.train_accuracy)?,
                 seconds: non_negative("TrainResult.seconds", r.seconds)?,
                 peak_rss_bytes: r.peak_rss_bytes,
+                topk,
             }))
         }
         pb::result_payload::Result::Evaluate(r) => {
+            Ok(TaskResult::Evaluate(evaluate_from_pb(r, round)?))
+        }
+        pb::result_payload::Result::Calibrate(r) => {
+            const FIELD: &str = "CalibrateResult.bn";
             expect_round(round, r.round)?;
-            let correct = to_usize("EvaluateResult.correct", r.correct)?;
-            let count = to_usize("EvaluateResult.count", r.count)?;
-            if correct > count {
-                return Err(WireError::OutOfRange {
-                    field: "EvaluateResult.correct",
-                    detail: format!("{correct} correct out of {count}"),
-                });
+            let val_count = positive("CalibrateResult.val_count", r.val_count)?;
+            candidate_count(FIELD, r.bn.len())?;
+            let bn = bn_from_pb(r.bn, FIELD, limits)?;
+            // Every candidate has the tensors and shapes of the first (the task's model is
+            // checked by `check_answer`).
+            if let Some(first) = bn.first() {
+                let reference = running_statistics(first);
+                for stats in &bn {
+                    check_statistics(FIELD, &reference, stats)?;
+                }
             }
-            Ok(TaskResult::Evaluate(EvaluateResult {
+            Ok(TaskResult::Calibrate(CalibrateResult {
                 round: r.round,
-                loss_sum: non_negative("EvaluateResult.loss_sum", r.loss_sum)?,
-                correct,
-                count,
+                val_count,
+                bn,
+            }))
+        }
+        pb::result_payload::Result::EvaluateCandidates(r) => {
+            expect_round(round, r.round)?;
+            candidate_count("CandidateEvalResult.stats", r.stats.len())?;
+            let stats = r
+                .stats
+                .into_iter()
+                .map(|s| evaluate_from_pb(s, round))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(TaskResult::EvaluateCandidates(CandidateEvalResult {
+                round: r.round,
+                stats,
             }))
         }
     }
+}
+
+/// An evaluation result as its message.
+pub fn evaluate_to_pb(r: &EvaluateResult) -> pb::EvaluateResult {
+    pb::EvaluateResult {
+        round: r.round,
+        loss_sum: r.loss_sum,
+        correct: r.correct as u64,
+        count: r.count as u64,
+    }
+}
+
+/// An evaluation result from its message, validated: the round must be `round`, the loss sum
+/// finite and non-negative, `correct` at most `count`.
+pub fn evaluate_from_pb(r: pb::EvaluateResult, round: u64) -> Result<EvaluateResult> {
+    expect_round(round, r.round)?;
+    let correct = to_usize("EvaluateResult.correct", r.correct)?;
+    let count = to_usize("EvaluateResult.count", r.count)?;
+    if correct > count {
+        return Err(WireError::OutOfRange {
+            field: "EvaluateResult.correct",
+            detail: format!("{correct} correct out of {count}"),
+        });
+    }
+    Ok(EvaluateResult {
+        round: r.round,
+        loss_sum: non_negative("EvaluateResult.loss_sum", r.loss_sum)?,
+        correct,
+        count,
+    })
+}
+
+/// Checks that a result (decoded by [`decode_result`]) answers `task`: the same kind and round;
+/// for a train result, the task's mask version and exactly one top-K list per requested tensor,
+/// each at most K long; for a calibration result, one state of BatchNorm statistics per candidate,
+/// each exactly the running statistics of the task's model (names, roles, shapes); for a
+/// candidate evaluation result, one entry per candidate.
+pub fn check_answer(task: &Task, result: &TaskResult) -> Result<()> {
+    const TOPK: &str = "TrainResult.topk";
+    let result_round = match result {
+        TaskResult::Train(r) => r.round,
+        TaskResult::Evaluate(r) => r.round,
+        TaskResult::Calibrate(r) => r.round,
+        TaskResult::EvaluateCandidates(r) => r.round,
+    };
+    match (task, result) {
+        (Task::Train(t), TaskResult::Train(r)) => {
+            expect_round(t.round, result_round)?;
+            if r.mask_version != t.model.mask_version {
+                return Err(WireError::MaskVersionMismatch {
+                    context: "train result",
+                    expected: t.model.mask_version,
+                    actual: r.mask_version,
+                });
+            }
+            let requested: BTreeMap<&str, usize> =
+                t.adjust.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+            let mut answered = BTreeSet::new();
+            for (name, pairs) in &r.topk {
+                let &k = requested
+                    .get(name.as_str())
+                    .ok_or_else(|| WireError::UnknownTensor {
+                        field: TOPK,
+                        tensor: name.clone(),
+                    })?;
+                if !answered.insert(name.as_str()) {
+                    return Err(WireError::DuplicateName {
+                        field: TOPK,
+                        name: name.clone(),
+                    });
+                }
+                if pairs.len() > k {
+                    return Err(WireError::OutOfRange {
+                        field: TOPK,
+                        detail: format!("{} pairs for `{name}`, {k} requested", pairs.len()),
+                    });
+                }
+            }
+            if let Some(name) = requested.keys().find(|n| !answered.contains(*n)) {
+                return Err(WireError::MissingTensor {
+                    field: TOPK,
+                    tensor: (*name).to_string(),
+                });
+            }
+            Ok(())
+        }
+        (Task::Evaluate(t), TaskResult::Evaluate(_)) => expect_round(t.round, result_round),
+        (Task::Calibrate(t), TaskResult::Calibrate(r)) => {
+            const FIELD: &str = "CalibrateResult.bn";
+            expect_round(t.round, result_round)?;
+            expect_count(FIELD, t.candidates.seeds.len(), r.bn.len())?;
+            let reference = running_statistics(&t.model.state);
+            r.bn.iter()
+                .try_for_each(|stats| check_statistics(FIELD, &reference, stats))
+        }
+        (Task::EvaluateCandidates(t), TaskResult::EvaluateCandidates(r)) => {
+            expect_round(t.round, result_round)?;
+            expect_count(
+                "CandidateEvalResult.stats",
+                t.candidates.seeds.len(),
+                r.stats.len(),
+            )
+        }
+        _ => Err(WireError::KindMismatch {
+            expected: task_name(task),
+            actual: result_name(result),
+        }),
+    }
+}
+
+fn task_name(task: &Task) -> &'static str {
+    match task {
+        Task::Train(_) => "train",
+        Task::Evaluate(_) => "evaluate",
+        Task::Calibrate(_) => "calibrate",
+        Task::EvaluateCandidates(_) => "evaluate-candidates",
+    }
+}
+
+fn result_name(result: &TaskResult) -> &'static str {
+    match result {
+        TaskResult::Train(_) => "train",
+        TaskResult::Evaluate(_) => "evaluate",
+        TaskResult::Calibrate(_) => "calibrate",
+        TaskResult::EvaluateCandidates(_) => "evaluate-candidates",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// FedTiny: top-K requests and lists, candidates, validation subsets, BatchNorm statistics
+// ---------------------------------------------------------------------------------------------
+
+/// Top-K requests (tensor name, K) as their messages.
+pub fn adjust_to_pb(adjust: &[(String, usize)]) -> Vec<pb::AdjustTensor> {
+    adjust
+        .iter()
+        .map(|(name, k)| pb::AdjustTensor {
+            name: name.clone(),
+            k: *k as u64,
+        })
+        .collect()
+}
+
+/// Top-K requests from their messages, validated against the task model's `state`: each names a
+/// prunable tensor of the state, once, with K at most its element count.
+pub fn adjust_from_pb(
+    adjust: Vec<pb::AdjustTensor>,
+    state: &StateDict,
+) -> Result<Vec<(String, usize)>> {
+    const FIELD: &str = "TrainTask.adjust";
+    let mut seen = BTreeSet::new();
+    adjust
+        .into_iter()
+        .map(|a| {
+            if !seen.insert(a.name.clone()) {
+                return Err(WireError::DuplicateName {
+                    field: FIELD,
+                    name: a.name,
+                });
+            }
+            let entry = prunable_entry(FIELD, state, &a.name)?;
+            let k = to_usize("AdjustTensor.k", a.k)?;
+            if k > entry.values.len() {
+                return Err(WireError::OutOfRange {
+                    field: "AdjustTensor.k",
+                    detail: format!(
+                        "K = {k} for `{}`, which has {} elements",
+                        a.name,
+                        entry.values.len()
+                    ),
+                });
+            }
+            Ok((a.name, k))
+        })
+        .collect()
+}
+
+/// Top-K lists as tensors in [`Encoding::IndexValues`] ([`codec::encode_sparse`]), each with the
+/// role, prunable flag and shape of the tensor of `state` it is named after.
+pub fn topk_to_pb(
+    topk: &[(String, Vec<(u32, f32)>)],
+    state: &StateDict,
+) -> Result<Vec<pb::Tensor>> {
+    topk.iter()
+        .map(|(name, pairs)| {
+            let e = state.get(name).ok_or_else(|| WireError::UnknownTensor {
+                field: "TrainResult.topk",
+                tensor: name.clone(),
+            })?;
+            Ok(tensor_to_pb(codec::encode_sparse(
+                name, e.role, e.prunable, &e.shape, pairs,
+            )?))
+        })
+        .collect()
+}
+
+/// Top-K lists from their tensors, validated against the result's `state`: each names a
+/// prunable tensor of the state, once, with its role and shape, and is a valid
+/// [`codec::decode_sparse`] list (indices in range and strictly ascending, values finite).
+pub fn topk_from_pb(
+    tensors: Vec<pb::Tensor>,
+    state: &StateDict,
+    limits: &Limits,
+) -> Result<TopKLists> {
+    const FIELD: &str = "TrainResult.topk";
+    let mut seen = BTreeSet::new();
+    tensors_from_pb(tensors, limits)?
+        .into_iter()
+        .map(|t| {
+            if !seen.insert(t.name.clone()) {
+                return Err(WireError::DuplicateName {
+                    field: FIELD,
+                    name: t.name,
+                });
+            }
+            let e = prunable_entry(FIELD, state, &t.name)?;
+            if !t.prunable {
+                return Err(WireError::NotPrunable {
+                    field: FIELD,
+                    tensor: t.name,
+                });
+            }
+            if t.role != e.role {
+                return Err(WireError::RoleMismatch {
+                    field: FIELD,
+                    tensor: t.name,
+                    expected: e.role,
+                    actual: t.role,
+                });
+            }
+            if t.shape != e.shape {
+                return Err(WireError::ShapeMismatch {
+                    field: FIELD,
+                    tensor: t.name,
+                    expected: e.shape.clone(),
+                    actual: t.shape,
+                });
+            }
+            let pairs = codec::decode_sparse(&t, limits)?;
+            Ok((t.name, pairs))
+        })
+        .collect()
+}
+
+/// The entry of a prunable tensor of `state`.
+fn prunable_entry<'a>(
+    field: &'static str,
+    state: &'a StateDict,
+    name: &str,
+) -> Result<&'a StateEntry> {
+    let e = state.get(name).ok_or_else(|| WireError::UnknownTensor {
+        field,
+        tensor: name.to_string(),
+    })?;
+    if !e.prunable {
+        return Err(WireError::NotPrunable {
+            field,
+            tensor: name.to_string(),
+        });
+    }
+    Ok(e)
+}
+
+/// A candidate allocation rule as its wire enum.
+pub fn allocation_to_pb(a: Allocation) -> pb::Allocation {
+    match a {
+        Allocation::Noise => pb::Allocation::Noise,
+        Allocation::Erk => pb::Allocation::Erk,
+        Allocation::Uniform => pb::Allocation::Uniform,
+    }
+}
+
+/// A candidate allocation rule from its wire value.
+pub fn allocation_from_pb(value: i32) -> Result<Allocation> {
+    match pb::Allocation::try_from(value) {
+        Ok(pb::Allocation::Noise) => Ok(Allocation::Noise),
+        Ok(pb::Allocation::Erk) => Ok(Allocation::Erk),
+        Ok(pb::Allocation::Uniform) => Ok(Allocation::Uniform),
+        Ok(pb::Allocation::Unspecified) | Err(_) => Err(WireError::UnknownEnum {
+            field: "CandidateSet.allocation",
+            value,
+        }),
+    }
+}
+
+/// A candidate set as its message.
+pub fn candidates_to_pb(c: &CandidateSet) -> pb::CandidateSet {
+    pb::CandidateSet {
+        density: c.density,
+        allocation: allocation_to_pb(c.allocation) as i32,
+        seeds: c.seeds.clone(),
+    }
+}
+
+/// A candidate set from its message: density in (0, 1], a known allocation, 1 to
+/// [`MAX_CANDIDATES`] seeds.
+pub fn candidates_from_pb(c: pb::CandidateSet) -> Result<CandidateSet> {
+    let density = open_unit("CandidateSet.density", c.density)?;
+    let allocation = allocation_from_pb(c.allocation)?;
+    candidate_count("CandidateSet.seeds", c.seeds.len())?;
+    Ok(CandidateSet {
+        density,
+        allocation,
+        seeds: c.seeds,
+    })
+}
+
+/// A validation subset as its message.
+pub fn validation_to_pb(v: &Validation) -> pb::Validation {
+    pb::Validation {
+        fraction: v.fraction,
+        seed: v.seed,
+    }
+}
+
+/// A validation subset from its message: the fraction in (0, 1].
+pub fn validation_from_pb(v: &pb::Validation) -> Result<Validation> {
+    Ok(Validation {
+        fraction: open_unit("Validation.fraction", v.fraction)?,
+        seed: v.seed,
+    })
+}
+
+/// Per-candidate BatchNorm statistics as their messages (each state in the smallest encoding of
+/// each tensor, none in mask order).
+pub fn bn_to_pb(bn: &[StateDict]) -> Result<Vec<pb::CandidateStats>> {
+    bn.iter()
+        .map(|s| {
+            Ok(pb::CandidateStats {
+                tensors: codec::encode_state(s, None)?
+                    .into_iter()
+                    .map(tensor_to_pb)
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// Per-candidate BatchNorm statistics from their messages, validated: each candidate a state
+/// within `limits` (any encoding but mask order, finite values, unique names) of running means
+/// and variances only (not prunable, variances non-negative), and all candidates together within
+/// [`Limits::max_total_elements`]. The caller checks the count and the tensors against a
+/// reference (see [`check_answer`]).
+pub fn bn_from_pb(
+    bn: Vec<pb::CandidateStats>,
+    field: &'static str,
+    limits: &Limits,
+) -> Result<Vec<StateDict>> {
+    // Sparse encodings decode densely: bound the elements of all candidates together before
+    // allocating any, or a small message could make the receiver allocate the per-state limit
+    // once per candidate. Shapes that overflow or exceed the per-tensor limit are left to the
+    // codec, which reports them per tensor.
+    let mut total = 0usize;
+    for t in bn.iter().flat_map(|c| &c.tensors) {
+        let n = t
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n <= limits.max_elements_per_tensor);
+        if let Some(n) = n {
+            total = total
+                .checked_add(n)
+                .filter(|&t| t <= limits.max_total_elements)
+                .ok_or_else(|| codec::CodecError::TotalTooLarge {
+                    tensor: t.name.clone(),
+                    limit: limits.max_total_elements,
+                })?;
+        }
+    }
+    bn.into_iter()
+        .map(|c| {
+            let tensors = tensors_from_pb(c.tensors, limits)?;
+            let state = codec::decode_state(&tensors, None, limits)?;
+            for (name, e) in &state.entries {
+                if !matches!(e.role, Role::RunningMean | Role::RunningVar) {
+                    return Err(WireError::NotRunningStatistic {
+                        field,
+                        tensor: name.clone(),
+                        role: e.role,
+                    });
+                }
+                if e.prunable {
+                    return Err(WireError::OutOfRange {
+                        field,
+                        detail: format!("running statistic `{name}` is marked prunable"),
+                    });
+                }
+                if e.role == Role::RunningVar
+                    && let Some(i) = e.values.iter().position(|v| *v < 0.0)
+                {
+                    return Err(WireError::OutOfRange {
+                        field,
+                        detail: format!(
+                            "running variance `{name}` is {} at element {i}",
+                            e.values[i]
+                        ),
+                    });
+                }
+            }
+            Ok(state)
+        })
+        .collect()
+}
+
+/// The running statistics (means and variances) of a state, by name.
+fn running_statistics(state: &StateDict) -> BTreeMap<&str, &StateEntry> {
+    state
+        .entries
+        .iter()
+        .filter(|(_, e)| matches!(e.role, Role::RunningMean | Role::RunningVar))
+        .map(|(n, e)| (n.as_str(), e))
+        .collect()
+}
+
+/// Checks that one candidate's statistics have exactly the tensors of `reference`, with their
+/// roles and shapes.
+fn check_statistics(
+    field: &'static str,
+    reference: &BTreeMap<&str, &StateEntry>,
+    stats: &StateDict,
+) -> Result<()> {
+    for (name, e) in &stats.entries {
+        let r = reference
+            .get(name.as_str())
+            .ok_or_else(|| WireError::UnknownTensor {
+                field,
+                tensor: name.clone(),
+            })?;
+        if e.role != r.role {
+            return Err(WireError::RoleMismatch {
+                field,
+                tensor: name.clone(),
+                expected: r.role,
+                actual: e.role,
+            });
+        }
+        if e.shape != r.shape {
+            return Err(WireError::ShapeMismatch {
+                field,
+                tensor: name.clone(),
+                expected: r.shape.clone(),
+                actual: e.shape.clone(),
+            });
+        }
+    }
+    if let Some(name) = reference.keys().find(|n| !stats.entries.contains_key(**n)) {
+        return Err(WireError::MissingTensor {
+            field,
+            tensor: (*name).to_string(),
+        });
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -721,6 +1402,42 @@ fn fraction(field: &'static str, v: f64) -> Result<f64> {
     }
 }
 
+/// A number in (0, 1] (so finite).
+fn open_unit(field: &'static str, v: f64) -> Result<f64> {
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(WireError::OutOfRange {
+            field,
+            detail: format!("{v} is not in (0, 1]"),
+        })
+    }
+}
+
+/// A number of candidates: 1 to [`MAX_CANDIDATES`].
+fn candidate_count(field: &'static str, n: usize) -> Result<()> {
+    if (1..=MAX_CANDIDATES).contains(&n) {
+        Ok(())
+    } else {
+        Err(WireError::OutOfRange {
+            field,
+            detail: format!("{n} candidates, expected 1 to {MAX_CANDIDATES}"),
+        })
+    }
+}
+
+fn expect_count(field: &'static str, expected: usize, actual: usize) -> Result<()> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(WireError::CountMismatch {
+            field,
+            expected,
+            actual,
+        })
+    }
+}
+
 fn expect_round(expected: u64, actual: u64) -> Result<()> {
     if expected == actual {
         Ok(())
@@ -817,6 +1534,37 @@ mod tests {
                 field: "LocalTraining.optimizer"
             })
         ));
+    }
+
+    #[test]
+    fn allocations_candidates_and_validation_round_trip_and_are_validated() {
+        for a in [Allocation::Noise, Allocation::Erk, Allocation::Uniform] {
+            assert_eq!(allocation_from_pb(allocation_to_pb(a) as i32).unwrap(), a);
+        }
+        assert!(matches!(
+            allocation_from_pb(0),
+            Err(WireError::UnknownEnum {
+                field: "CandidateSet.allocation",
+                value: 0
+            })
+        ));
+        let c = CandidateSet {
+            density: 1.0,
+            allocation: Allocation::Erk,
+            seeds: vec![3, 1, 3],
+        };
+        assert_eq!(candidates_from_pb(candidates_to_pb(&c)).unwrap(), c);
+        let v = Validation {
+            fraction: 0.25,
+            seed: u64::MAX,
+        };
+        assert_eq!(validation_from_pb(&validation_to_pb(&v)).unwrap(), v);
+        for bad in [0.0, -0.0, 1.5, f64::NAN, f64::NEG_INFINITY] {
+            assert!(open_unit("x", bad).is_err(), "{bad}");
+        }
+        assert!(candidate_count("x", 0).is_err());
+        assert!(candidate_count("x", MAX_CANDIDATES).is_ok());
+        assert!(candidate_count("x", MAX_CANDIDATES + 1).is_err());
     }
 
     #[test]

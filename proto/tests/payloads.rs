@@ -476,13 +476,22 @@ proptest! {
         flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..4),
         cut in any::<prop::sample::Index>(),
         truncate in any::<bool>(),
-        which in 0usize..3,
+        which in 0usize..9,
     ) {
+        use fedtiny_common::fedtiny::Allocation;
         let (model, masks) = setup(0.2);
+        let w0 = tiny_cnn(4);
+        let empty = MaskSet::default();
         let mut bytes = match which {
             0 => encode_task(&train_task(&model, &masks, true), None).unwrap(),
             1 => encode_task(&evaluate_task(&model, &masks, false), Some(&masks)).unwrap(),
-            _ => encode_result(&train_result(&model, &masks), &masks).unwrap(),
+            2 => encode_task(&adjust_task(&model, &masks, false), Some(&masks)).unwrap(),
+            3 => encode_task(&calibrate_task(&w0, 3, Allocation::Noise, true), None).unwrap(),
+            4 => encode_task(&eval_candidates_task(&w0, 3, Allocation::Erk, true), None).unwrap(),
+            5 => encode_result(&train_result(&model, &masks), &masks).unwrap(),
+            6 => encode_result(&adjust_result(&model, &masks), &masks).unwrap(),
+            7 => encode_result(&calibrate_result(&w0, 3), &empty).unwrap(),
+            _ => encode_result(&eval_candidates_result(3), &empty).unwrap(),
         };
         for (i, x) in flips {
             let i = i.index(bytes.len());
@@ -491,16 +500,43 @@ proptest! {
         if truncate {
             bytes.truncate(cut.index(bytes.len()));
         }
-        if which < 2 {
-            if let Ok(Task::Train(t)) = decode_task(&bytes, Some(&masks), &limits()) {
-                let sane = t.model.state.entries.values().all(|e| {
-                    e.values.len() == e.shape.iter().product::<usize>()
-                        && e.values.iter().all(|v| v.is_finite())
-                });
-                prop_assert!(sane, "decoded state has a bad tensor");
+        let finite = |s: &fedtiny_common::state::StateDict| {
+            s.entries.values().all(|e| {
+                e.values.len() == e.shape.iter().product::<usize>()
+                    && e.values.iter().all(|v| v.is_finite())
+            })
+        };
+        if which < 5 {
+            match decode_task(&bytes, Some(&masks), &limits()) {
+                Ok(Task::Train(t)) => {
+                    prop_assert!(finite(&t.model.state), "decoded state has a bad tensor");
+                    for (name, k) in &t.adjust {
+                        let e = t.model.state.get(name);
+                        prop_assert!(e.is_some_and(|e| e.prunable && *k <= e.values.len()));
+                    }
+                }
+                Ok(Task::EvaluateCandidates(t)) => {
+                    prop_assert!(finite(&t.model.state));
+                    prop_assert_eq!(t.bn.len(), t.candidates.seeds.len());
+                    prop_assert!(t.bn.iter().all(finite), "decoded statistics have a bad tensor");
+                }
+                Ok(Task::Calibrate(t)) => {
+                    prop_assert!(finite(&t.model.state));
+                    prop_assert!(t.candidates.density > 0.0 && t.candidates.density <= 1.0);
+                    prop_assert!(t.validation.fraction > 0.0 && t.validation.fraction <= 1.0);
+                }
+                _ => {}
             }
         } else {
-            let _ = decode_result(&bytes, &masks, 7, &limits());
+            for (m, round) in [(&masks, 7), (&empty, 0)] {
+                if let Ok(TaskResult::Train(r)) = decode_result(&bytes, m, round, &limits()) {
+                    for (name, pairs) in &r.topk {
+                        let n = r.state.get(name).map_or(0, |e| e.values.len());
+                        prop_assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0));
+                        prop_assert!(pairs.iter().all(|&(i, v)| (i as usize) < n && v.is_finite()));
+                    }
+                }
+            }
         }
     }
 }

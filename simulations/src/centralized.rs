@@ -97,7 +97,13 @@ struct Hooks<'a> {
 }
 
 impl StepHooks for Hooks<'_> {
-    fn before_step(&mut self, step: usize, optimizer: &mut dyn Optimizer) {
+    fn before_step(
+        &mut self,
+        step: usize,
+        _last: bool,
+        _model: &mut fedtiny_common::models::Model,
+        optimizer: &mut dyn Optimizer,
+    ) {
         if self.schedule == Schedule::Cosine {
             let t = (self.step0 + step) as f64 / self.total_steps.max(1) as f64;
             let lr = 0.5 * f64::from(self.base_lr) * (1.0 + (std::f64::consts::PI * t).cos());

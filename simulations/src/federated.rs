@@ -17,15 +17,14 @@ use fedtiny_client::{ClientApp, LocalData};
 use fedtiny_common::codec::Limits;
 use fedtiny_common::data::{Dataset, Partitioner, Splits};
 use fedtiny_common::mask::MaskSet;
+use fedtiny_common::parallel;
 use fedtiny_common::task::{ClientId, Task};
-use fedtiny_common::{parallel, rng};
 use fedtiny_coordinator::config::FederatedConfig;
 use fedtiny_coordinator::engine::RoundEngine;
 use fedtiny_coordinator::evaluate::Evaluator;
 use fedtiny_coordinator::metrics::RunSummary;
 use fedtiny_coordinator::proxy::{ClientPool, ClientProxy, Failure, Reply, ReplyFuture, Traffic};
 use fedtiny_coordinator::run_dir::RunDir;
-use fedtiny_coordinator::strategy::{FedAvg, Strategy};
 use fedtiny_proto::convert;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
@@ -156,13 +155,17 @@ pub fn client_name(index: usize) -> String {
     format!("client-{index:04}")
 }
 
-/// Splits the training set among the clients as the config says (seeded by the run seed).
+/// Splits the training set among the clients as the config says (seeded by the run seed),
+/// after removing the coordinator's stage-0 server set.
 pub fn partition(cfg: &SimConfig, train: &Dataset) -> Result<Vec<Vec<usize>>> {
-    let mut r = rng::derived(cfg.federation.run.seed, "partition", 0);
-    Ok(cfg
-        .clients
-        .partitioner
-        .split(train.labels(), train.classes(), cfg.clients.count, &mut r)?)
+    Ok(fedtiny_common::data::split::client_partitions(
+        train.labels(),
+        train.classes(),
+        &cfg.clients.partitioner,
+        cfg.clients.count,
+        cfg.federation.stage0.n_shots,
+        cfg.federation.run.seed,
+    )?)
 }
 
 /// Shared machinery of the in-process clients: a concurrency limit and one kernel pool per
@@ -249,16 +252,6 @@ impl ClientPool for InProcessPool {
     }
 }
 
-/// Builds the strategy a config names.
-pub fn strategy(cfg: &FederatedConfig) -> Box<dyn Strategy> {
-    Box::new(FedAvg::new(
-        cfg.run.seed,
-        cfg.mask.density,
-        cfg.mask.rule,
-        cfg.training.clone(),
-    ))
-}
-
 /// Loads the data of a simulation: (client training split, server test split).
 pub fn load_data(cfg: &SimConfig) -> Result<(Arc<Dataset>, Arc<Dataset>)> {
     let kind = cfg.federation.model.dataset;
@@ -314,7 +307,9 @@ pub async fn run_in_process(
     let evaluator = Evaluator::new(test, fed.eval.test_limit, norm, fed.eval.batch_size);
     let run = RunDir::create(&fed.output.dir, &cfg.run_name())?;
     let config_toml = cfg.to_toml()?;
-    let mut engine = RoundEngine::new(fed.clone(), config_toml, strategy(fed), evaluator, run)?;
+    let server_set = fedtiny_coordinator::server::server_set(fed, train.clone());
+    let strategy = fedtiny_coordinator::strategy::build(fed, server_set);
+    let mut engine = RoundEngine::new(fed.clone(), config_toml, strategy, evaluator, run)?;
     let summary = engine.run(pool, stop).await?;
     let dir = RunDir::create_existing(engine.run_dir().path());
     Ok((summary, dir))

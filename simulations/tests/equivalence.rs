@@ -71,9 +71,13 @@ async fn in_process_and_grpc_runs_end_with_the_same_model() {
     };
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let data = server::ServerData {
+        test,
+        server_set: server::server_set(&sim.federation, train.clone()),
+    };
     let serve = tokio::spawn(async move {
         let mut addr_tx = Some(addr_tx);
-        server::serve(serve_cfg, Start::Fresh, test, rx, move |addr, dir| {
+        server::serve(serve_cfg, Start::Fresh, data, rx, move |addr, dir| {
             if let Some(t) = addr_tx.take() {
                 let _ = t.send((addr, dir.to_path_buf()));
             }

@@ -11,6 +11,7 @@
 //! - [`fashion_mnist`], [`cifar10`]: loaders for the two datasets' standard files.
 //! - [`kind`]: [`DatasetKind`], the datasets by name with their shapes and normalisation.
 //! - [`partition`]: [`Partitioner`] (IID, Dirichlet label skew, shards).
+//! - [`split`]: the server set and the clients' partitions of a federated run.
 //! - [`download`](mod@download): fetching files over HTTP with MD5 verification.
 //!
 //! # Decisions
@@ -31,6 +32,7 @@ pub mod fashion_mnist;
 pub mod idx;
 pub mod kind;
 pub mod partition;
+pub mod split;
 pub mod transform;
 
 pub use dataset::{Dataset, Splits};

@@ -1,10 +1,14 @@
-//! 2-D convolution over NHWC batches, as im2col + GEMM.
+//! 2-D convolution over NHWC batches: im2col + GEMM, or the sparse kernels when the weight is
+//! masked below the crossover density ([`crate::kernels::sparse::policy`]).
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 use rand_distr::{Distribution, Normal};
 
 use super::{OpInfo, OpKind, Slot, SlotMut, expect_grad, expect_input, join};
+use crate::kernels::sparse::policy::{self, LayerShape, SparseMode};
+use crate::kernels::sparse::{ConvPlan, SparseWeight, Workspace};
 use crate::kernels::{ConvGeometry, gemm, im2col, reduce};
+use crate::mask::Mask;
 use crate::param::{Param, Role};
 use crate::rng::Rng;
 use crate::tensor::{Mode, Tensor, contiguous, from_vec};
@@ -12,6 +16,13 @@ use crate::{Error, Result};
 
 /// A square-kernel 2-D convolution. The weight is stored `[k, k, cin, cout]`, which is the
 /// `[k·k·cin, cout]` GEMM operand without a copy.
+///
+/// When the weight is masked and [`policy::use_sparse`] says so for this shape and density, the
+/// forward pass, the input gradient and the weight gradient run on the sparse kernels
+/// ([`ConvPlan`]): only active weights are touched, and the weight gradient is computed at active
+/// positions only (zero elsewhere) unless the weight's `dense_grad` is set, in which case it is
+/// the full dense gradient. Either way the results equal the masked dense computation up to
+/// float rounding.
 pub struct Conv2d {
     weight: Param,
     bias: Option<Param>,
@@ -23,12 +34,31 @@ pub struct Conv2d {
     input_grad: bool,
     cache: Option<Cache>,
     scratch: Vec<f32>,
+    sparse_mode: SparseMode,
+    sparse: SparseState,
+    last_sparse: bool,
 }
 
-struct Cache {
-    geom: ConvGeometry,
-    /// The im2col matrix of the input (or the input itself for pointwise convolutions).
-    cols: Vec<f32>,
+enum Cache {
+    Dense {
+        geom: ConvGeometry,
+        /// The im2col matrix of the input (or the input itself for pointwise convolutions).
+        cols: Vec<f32>,
+    },
+    Sparse {
+        /// The plan of the forward pass.
+        plan: ConvPlan,
+        /// The packed input (the plan's layout).
+        packed: Vec<f32>,
+    },
+}
+
+/// What the sparse path keeps between steps.
+#[derive(Default)]
+struct SparseState {
+    weight: Option<SparseWeight>,
+    plan: Option<ConvPlan>,
+    work: Workspace,
 }
 
 impl Conv2d {
@@ -74,6 +104,9 @@ impl Conv2d {
             input_grad: true,
             cache: None,
             scratch: Vec::new(),
+            sparse_mode: SparseMode::Auto,
+            sparse: SparseState::default(),
+            last_sparse: false,
         })
     }
 
@@ -94,8 +127,171 @@ impl Conv2d {
         &self.weight
     }
 
+    /// Chooses between sparse and dense kernels (default [`SparseMode::Auto`]).
+    pub fn with_sparse_mode(mut self, mode: SparseMode) -> Self {
+        self.sparse_mode = mode;
+        self
+    }
+
+    /// Whether the last forward pass ran the sparse kernels.
+    pub fn ran_sparse(&self) -> bool {
+        self.last_sparse
+    }
+
     fn patch(&self) -> usize {
         self.k * self.k * self.cin
+    }
+
+    /// The sparse plan for `g` when the sparse kernels should run, building it if needed.
+    fn sparse_plan(&mut self, g: &ConvGeometry) -> Result<Option<ConvPlan>> {
+        let Some(mask) = self.weight.mask() else {
+            return Ok(None);
+        };
+        if self.sparse_mode == SparseMode::Never {
+            return Ok(None);
+        }
+        let plan = match self.sparse.plan.take() {
+            Some(p) if p.geometry() == g => p,
+            _ => ConvPlan::new(g)?,
+        };
+        let shape = LayerShape::Conv {
+            fan_out: self.cout,
+            stride: self.stride,
+            waste: plan.waste(),
+        };
+        if policy::use_sparse(self.sparse_mode, &shape, mask.density()) {
+            Ok(Some(plan))
+        } else {
+            self.sparse.plan = Some(plan);
+            Ok(None)
+        }
+    }
+
+    /// Brings the compressed weight up to date with the weight's values and mask (all entries
+    /// if the mask was removed since the forward pass).
+    fn sync_sparse_weight(&mut self) -> Result<()> {
+        let (rows, cols) = (self.patch(), self.cout);
+        let values = weight_slice(&self.weight)?;
+        let all;
+        let mask = match self.weight.mask() {
+            Some(m) => m,
+            None => {
+                all = Mask::ones(values.len());
+                &all
+            }
+        };
+        SparseWeight::sync(&mut self.sparse.weight, values, mask, rows, cols)
+    }
+
+    fn forward_sparse(
+        &mut self,
+        x: Tensor,
+        g: ConvGeometry,
+        plan: ConvPlan,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        self.sync_sparse_weight()?;
+        let x = contiguous(x);
+        let mut packed = std::mem::take(&mut self.sparse.work.src);
+        let mut out = vec![0.0f32; g.rows() * self.cout];
+        let w = self.sparse.weight.as_ref().ok_or_else(sparse_state_error)?;
+        let bias = self.bias.as_ref().and_then(|b| b.value.as_slice());
+        let x = x.as_slice().unwrap_or(&[]);
+        plan.forward(w, x, bias, &mut packed, &mut out)?;
+        if mode.caches() {
+            self.cache = Some(Cache::Sparse {
+                plan: plan.clone(),
+                packed,
+            });
+        } else {
+            self.sparse.work.src = packed;
+        }
+        self.sparse.plan = Some(plan);
+        from_vec(&[g.n, g.oh, g.ow, self.cout], out)
+    }
+
+    fn backward_sparse(
+        &mut self,
+        grad: Tensor,
+        plan: ConvPlan,
+        packed: Vec<f32>,
+    ) -> Result<Tensor> {
+        let g = *plan.geometry();
+        let result = self.backward_sparse_with(grad, &packed, &plan);
+        self.sparse.work.src = packed;
+        let dx = result?;
+        if !self.input_grad {
+            return Ok(Tensor::zeros(ndarray::IxDyn(&[0])));
+        }
+        from_vec(&[g.n, g.h, g.w, g.c], dx)
+    }
+
+    fn backward_sparse_with(
+        &mut self,
+        grad: Tensor,
+        packed: &[f32],
+        plan: &ConvPlan,
+    ) -> Result<Vec<f32>> {
+        let g = *plan.geometry();
+        let (rows, patch, cout) = (g.rows(), self.patch(), self.cout);
+        expect_grad("conv2d", &grad, &[g.n, g.oh, g.ow, cout])?;
+        let grad = contiguous(grad);
+        let dy = grad.as_slice().unwrap_or(&[]);
+        self.sync_sparse_weight()?;
+        let w = self.sparse.weight.as_ref().ok_or_else(sparse_state_error)?;
+        let dw = self.weight.grad.as_slice_mut().ok_or_else(layout_error)?;
+        let dense_grad = self.weight.dense_grad;
+        if dense_grad {
+            // The full gradient, pruned positions included: im2col of the (unpacked) input.
+            let mut x = vec![0.0f32; g.n * g.image_len()];
+            plan.unpack_input(packed, &mut x)?;
+            let cols = if g.is_pointwise() {
+                x
+            } else {
+                let mut cols = std::mem::take(&mut self.scratch);
+                cols.resize(rows * patch, 0.0);
+                im2col::im2col(&x, &g, &mut cols);
+                cols
+            };
+            gemm(
+                view2(&cols, rows, patch)?.t(),
+                view2(dy, rows, cout)?,
+                0.0,
+                view2_mut(dw, patch, cout)?,
+            );
+            if !g.is_pointwise() {
+                self.scratch = cols;
+            }
+        }
+        if let Some(b) = &mut self.bias {
+            bias_grad(b, dy, rows, cout);
+        }
+        let mut dx = if self.input_grad {
+            vec![0.0f32; g.n * g.image_len()]
+        } else {
+            Vec::new()
+        };
+        let dx_out = self.input_grad.then_some(dx.as_mut_slice());
+        let dw_out = (!dense_grad).then_some(dw);
+        let partials = &mut self.sparse.work.weight_grad;
+        plan.backward(w, packed, dy, dx_out, dw_out, partials)?;
+        Ok(dx)
+    }
+}
+
+fn sparse_state_error() -> Error {
+    Error::StateMismatch("conv2d: sparse state missing".into())
+}
+
+/// The bias gradient: per-channel sums of the output gradient.
+fn bias_grad(b: &mut Param, dy: &[f32], rows: usize, cout: usize) {
+    let sums = reduce::channel_sums(rows, cout, |r, acc| {
+        for (a, v) in acc.iter_mut().zip(&dy[r * cout..(r + 1) * cout]) {
+            *a += v;
+        }
+    });
+    for (g, s) in b.grad.iter_mut().zip(sums) {
+        *g = s as f32;
     }
 }
 
@@ -113,6 +309,11 @@ impl super::Layer for Conv2d {
             self.stride,
             self.pad,
         )?;
+        if let Some(plan) = self.sparse_plan(&g)? {
+            self.last_sparse = true;
+            return self.forward_sparse(x, g, plan, mode);
+        }
+        self.last_sparse = false;
         let patch = self.patch();
         let cols = if g.is_pointwise() {
             crate::tensor::into_vec(x)
@@ -140,7 +341,7 @@ impl super::Layer for Conv2d {
             gemm(a, w, beta, c);
         }
         if mode.caches() {
-            self.cache = Some(Cache { geom: g, cols });
+            self.cache = Some(Cache::Dense { geom: g, cols });
         } else if !g.is_pointwise() {
             self.scratch = cols;
         }
@@ -148,10 +349,14 @@ impl super::Layer for Conv2d {
     }
 
     fn backward(&mut self, grad: Tensor) -> Result<Tensor> {
-        let Cache { geom: g, mut cols } = self
+        let cache = self
             .cache
             .take()
             .ok_or_else(|| Error::NoForwardCache("conv2d".into()))?;
+        let (g, mut cols) = match cache {
+            Cache::Dense { geom, cols } => (geom, cols),
+            Cache::Sparse { plan, packed } => return self.backward_sparse(grad, plan, packed),
+        };
         expect_grad("conv2d", &grad, &[g.n, g.oh, g.ow, self.cout])?;
         let grad = contiguous(grad);
         let dy = grad.as_slice().unwrap_or(&[]);
@@ -167,14 +372,7 @@ impl super::Layer for Conv2d {
             gemm(a.t(), dyv, 0.0, dw);
         }
         if let Some(b) = &mut self.bias {
-            let sums = reduce::channel_sums(rows, cout, |r, acc| {
-                for (a, v) in acc.iter_mut().zip(&dy[r * cout..(r + 1) * cout]) {
-                    *a += v;
-                }
-            });
-            for (g, s) in b.grad.iter_mut().zip(sums) {
-                *g = s as f32;
-            }
+            bias_grad(b, dy, rows, cout);
         }
         if !self.input_grad {
             if !g.is_pointwise() {
@@ -235,6 +433,7 @@ impl super::Layer for Conv2d {
     fn clear_cache(&mut self) {
         self.cache = None;
         self.scratch = Vec::new();
+        self.sparse.work = Workspace::default();
     }
 }
 

@@ -1,10 +1,14 @@
-//! Fully connected layer.
+//! Fully connected layer: a GEMM, or the sparse kernels when the weight is masked below the
+//! crossover density ([`crate::kernels::sparse::policy`]).
 
 use rand::RngExt;
 
 use super::conv::{view2, view2_mut, weight_slice};
 use super::{OpInfo, OpKind, Slot, SlotMut, expect_grad, expect_input, join};
+use crate::kernels::sparse::policy::{self, LayerShape, SparseMode};
+use crate::kernels::sparse::{MatrixPlan, SparseWeight, Workspace};
 use crate::kernels::{gemm, reduce};
+use crate::mask::Mask;
 use crate::param::{Param, Role};
 use crate::rng::Rng;
 use crate::tensor::{Mode, Tensor, contiguous, from_vec};
@@ -12,12 +16,38 @@ use crate::{Error, Result};
 
 /// `y = x·W + b` with `W` stored `[in, out]`. Weights and bias start uniform in
 /// `±1/√in` (PyTorch's default for linear layers).
+///
+/// When the weight is masked and [`policy::use_sparse`] says so for this shape and density, the
+/// three products run on the sparse kernels ([`MatrixPlan`]); the weight gradient is then zero at
+/// pruned positions unless the weight's `dense_grad` is set (then it is the full dense gradient).
 pub struct Linear {
     weight: Param,
     bias: Param,
     fan_in: usize,
     fan_out: usize,
-    cache: Option<Tensor>,
+    cache: Option<Cache>,
+    sparse_mode: SparseMode,
+    sparse: SparseState,
+    last_sparse: bool,
+}
+
+enum Cache {
+    Dense(Tensor),
+    Sparse {
+        /// The input (for a dense weight gradient).
+        x: Tensor,
+        plan: MatrixPlan,
+        /// The packed input (the plan's layout).
+        packed: Vec<f32>,
+    },
+}
+
+/// What the sparse path keeps between steps.
+#[derive(Default)]
+struct SparseState {
+    weight: Option<SparseWeight>,
+    plan: Option<MatrixPlan>,
+    work: Workspace,
 }
 
 impl Linear {
@@ -41,6 +71,9 @@ impl Linear {
             fan_in,
             fan_out,
             cache: None,
+            sparse_mode: SparseMode::Auto,
+            sparse: SparseState::default(),
+            last_sparse: false,
         })
     }
 
@@ -49,6 +82,122 @@ impl Linear {
         self.weight.prunable = true;
         self
     }
+
+    /// Chooses between sparse and dense kernels (default [`SparseMode::Auto`]).
+    pub fn with_sparse_mode(mut self, mode: SparseMode) -> Self {
+        self.sparse_mode = mode;
+        self
+    }
+
+    /// Whether the last forward pass ran the sparse kernels.
+    pub fn ran_sparse(&self) -> bool {
+        self.last_sparse
+    }
+
+    /// The sparse plan for a batch of `n` rows when the sparse kernels should run.
+    fn sparse_plan(&mut self, n: usize) -> Result<Option<MatrixPlan>> {
+        let Some(mask) = self.weight.mask() else {
+            return Ok(None);
+        };
+        let shape = LayerShape::Linear;
+        if !policy::use_sparse(self.sparse_mode, &shape, mask.density()) {
+            return Ok(None);
+        }
+        match self.sparse.plan.take() {
+            Some(p) if p.m() == n => Ok(Some(p)),
+            _ => MatrixPlan::new(n, self.fan_in).map(Some),
+        }
+    }
+
+    /// Brings the compressed weight up to date with the weight's values and mask (all entries
+    /// if the mask was removed since the forward pass).
+    fn sync_sparse_weight(&mut self) -> Result<()> {
+        let (rows, cols) = (self.fan_in, self.fan_out);
+        let values = weight_slice(&self.weight)?;
+        let all;
+        let mask = match self.weight.mask() {
+            Some(m) => m,
+            None => {
+                all = Mask::ones(values.len());
+                &all
+            }
+        };
+        SparseWeight::sync(&mut self.sparse.weight, values, mask, rows, cols)
+    }
+
+    fn forward_sparse(&mut self, x: Tensor, plan: MatrixPlan, mode: Mode) -> Result<Tensor> {
+        self.sync_sparse_weight()?;
+        let n = x.shape()[0];
+        let mut packed = std::mem::take(&mut self.sparse.work.src);
+        plan.pack_input(x.as_slice().unwrap_or(&[]), &mut packed)?;
+        let mut out = vec![0.0f32; n * self.fan_out];
+        let b = self.bias.value.as_slice().unwrap_or(&[]);
+        for row in out.chunks_mut(self.fan_out) {
+            row.copy_from_slice(b);
+        }
+        let w = self.sparse.weight.as_ref().ok_or_else(sparse_state_error)?;
+        plan.forward(w, &packed, &mut self.sparse.work.out, &mut out, true)?;
+        if mode.caches() {
+            self.cache = Some(Cache::Sparse {
+                x,
+                plan: plan.clone(),
+                packed,
+            });
+        } else {
+            self.sparse.work.src = packed;
+        }
+        self.sparse.plan = Some(plan);
+        from_vec(&[n, self.fan_out], out)
+    }
+
+    fn backward_sparse(
+        &mut self,
+        grad: Tensor,
+        x: &Tensor,
+        plan: &MatrixPlan,
+        packed: &[f32],
+    ) -> Result<Tensor> {
+        let n = plan.m();
+        let (fi, fo) = (self.fan_in, self.fan_out);
+        expect_grad("linear", &grad, &[n, fo])?;
+        let grad = contiguous(grad);
+        let dy = grad.as_slice().unwrap_or(&[]);
+        self.sync_sparse_weight()?;
+        let w = self.sparse.weight.as_ref().ok_or_else(sparse_state_error)?;
+        let work = &mut self.sparse.work;
+        plan.pack_output_grad(dy, fo, &mut work.out_grad)?;
+        let dw = self
+            .weight
+            .grad
+            .as_slice_mut()
+            .ok_or_else(|| Error::StateMismatch("linear grad layout".into()))?;
+        if self.weight.dense_grad {
+            let xv = view2(x.as_slice().unwrap_or(&[]), n, fi)?;
+            gemm(xv.t(), view2(dy, n, fo)?, 0.0, view2_mut(dw, fi, fo)?);
+        } else {
+            plan.weight_grad(w, packed, &work.out_grad, &mut work.weight_grad, dw)?;
+        }
+        bias_grad(&mut self.bias, dy, n, fo);
+        let mut dx = vec![0.0f32; n * fi];
+        plan.input_grad(w, &work.out_grad, &mut work.src_grad, &mut dx)?;
+        from_vec(&[n, fi], dx)
+    }
+}
+
+fn sparse_state_error() -> Error {
+    Error::StateMismatch("linear: sparse state missing".into())
+}
+
+/// The bias gradient: per-feature sums of the output gradient.
+fn bias_grad(b: &mut Param, dy: &[f32], n: usize, fo: usize) {
+    let sums = reduce::channel_sums(n, fo, |r, acc| {
+        for (a, v) in acc.iter_mut().zip(&dy[r * fo..(r + 1) * fo]) {
+            *a += v;
+        }
+    });
+    for (g, s) in b.grad.iter_mut().zip(sums) {
+        *g = s as f32;
+    }
 }
 
 impl super::Layer for Linear {
@@ -56,6 +205,11 @@ impl super::Layer for Linear {
         expect_input("linear", &x, 2, self.fan_in)?;
         let x = contiguous(x);
         let n = x.shape()[0];
+        if let Some(plan) = self.sparse_plan(n)? {
+            self.last_sparse = true;
+            return self.forward_sparse(x, plan, mode);
+        }
+        self.last_sparse = false;
         let mut out = vec![0.0f32; n * self.fan_out];
         let b = self.bias.value.as_slice().unwrap_or(&[]);
         for row in out.chunks_mut(self.fan_out) {
@@ -67,16 +221,24 @@ impl super::Layer for Linear {
             gemm(a, w, 1.0, view2_mut(&mut out, n, self.fan_out)?);
         }
         if mode.caches() {
-            self.cache = Some(x);
+            self.cache = Some(Cache::Dense(x));
         }
         from_vec(&[n, self.fan_out], out)
     }
 
     fn backward(&mut self, grad: Tensor) -> Result<Tensor> {
-        let x = self
+        let cache = self
             .cache
             .take()
             .ok_or_else(|| Error::NoForwardCache("linear".into()))?;
+        let x = match cache {
+            Cache::Dense(x) => x,
+            Cache::Sparse { x, plan, packed } => {
+                let result = self.backward_sparse(grad, &x, &plan, &packed);
+                self.sparse.work.src = packed;
+                return result;
+            }
+        };
         let n = x.shape()[0];
         expect_grad("linear", &grad, &[n, self.fan_out])?;
         let grad = contiguous(grad);
@@ -95,14 +257,7 @@ impl super::Layer for Linear {
             )?;
             gemm(xv.t(), dyv, 0.0, dw);
         }
-        let sums = reduce::channel_sums(n, fo, |r, acc| {
-            for (a, v) in acc.iter_mut().zip(&dy[r * fo..(r + 1) * fo]) {
-                *a += v;
-            }
-        });
-        for (g, s) in self.bias.grad.iter_mut().zip(sums) {
-            *g = s as f32;
-        }
+        bias_grad(&mut self.bias, dy, n, fo);
         let mut dx = vec![0.0f32; n * fi];
         {
             let dyv = view2(dy, n, fo)?;
@@ -140,5 +295,6 @@ impl super::Layer for Linear {
 
     fn clear_cache(&mut self) {
         self.cache = None;
+        self.sparse.work = Workspace::default();
     }
 }

@@ -1,7 +1,9 @@
-//! Sparse FedAvg on a fixed mask: the mask is chosen once before round 1 (random or by
-//! magnitude at the configured density; dense at density 1) and every round averages the
-//! clients' states weighted by their sample counts.
+//! Sparse FedAvg on a fixed mask: the mask is chosen once before round 1 (random, by magnitude
+//! or by SNIP at the configured density; dense at density 1), after the stage-0 pre-training
+//! when there is a server set, and every round averages the clients' states weighted by their
+//! sample counts.
 
+use crate::stage0::{ServerSet, pre_train, snip_masks};
 use fedtiny_common::aggregate::fedavg;
 use fedtiny_common::mask::MaskSet;
 use fedtiny_common::pruning::{magnitude_masks, random_masks};
@@ -20,6 +22,7 @@ pub struct FedAvg {
     density: f64,
     rule: MaskRule,
     training: LocalTraining,
+    server: Option<(ServerSet, usize)>,
 }
 
 impl FedAvg {
@@ -30,7 +33,14 @@ impl FedAvg {
             density,
             rule,
             training,
+            server: None,
         }
+    }
+
+    /// Pre-trains on the server set for `epochs` before choosing the mask (stage 0).
+    pub fn with_server_set(mut self, set: Option<ServerSet>, epochs: usize) -> Self {
+        self.server = set.map(|s| (s, epochs));
+        self
     }
 }
 
@@ -45,6 +55,9 @@ impl Strategy for FedAvg {
     }
 
     fn initialize(&mut self, global: &mut GlobalModel) -> Result<()> {
+        if let Some((set, epochs)) = &self.server {
+            pre_train(global, set, *epochs, &self.training.optimizer, self.seed)?;
+        }
         let masks = if self.density >= 1.0 {
             MaskSet::default()
         } else {
@@ -56,6 +69,15 @@ impl Strategy for FedAvg {
                     &mut rng::derived(self.seed, "mask", 0),
                 )?,
                 MaskRule::Magnitude => magnitude_masks(&model, self.density)?,
+                MaskRule::Snip => match &self.server {
+                    Some((set, _)) => snip_masks(global, set, self.density, 5)?,
+                    None => {
+                        return Err(crate::error::CoordinatorError::Config {
+                            origin: "mask.rule".into(),
+                            message: "SNIP needs a server set (stage0.n_shots > 0)".into(),
+                        });
+                    }
+                },
             }
         };
         global.set_masks(masks)
@@ -80,6 +102,7 @@ impl Strategy for FedAvg {
                     },
                     training: self.training.clone(),
                     seed: client_seed(self.seed, c, round),
+                    adjust: Vec::new(),
                 });
                 (c.clone(), task)
             })

@@ -5,11 +5,17 @@
 //! as values). A strategy is deterministic given the run seed and the round, so a resumed
 //! coordinator replays it from the checkpointed global model and [`Strategy::state`].
 
+mod blocks;
 mod fedavg;
+mod fedtiny;
+mod iterative;
 
-pub use fedavg::FedAvg;
+pub use blocks::adjustment_groups;
+pub use fedavg::{FedAvg, client_seed};
+pub use fedtiny::FedTiny;
+pub use iterative::IterativeMagnitude;
 
-use fedtiny_common::task::{ClientId, Task, TrainResult};
+use fedtiny_common::task::{ClientId, Task, TaskResult, TrainResult};
 
 use crate::error::Result;
 use crate::global::GlobalModel;
@@ -22,6 +28,18 @@ pub trait Strategy: Send + Sync {
 
     /// Prepares the global model before round 1 (for example, chooses the masks).
     fn initialize(&mut self, global: &mut GlobalModel) -> Result<()>;
+
+    /// Round trips before round 1 (FedTiny's adaptive BatchNorm selection). Called first with
+    /// `None`, then with the replies to the tasks it returned, until it returns `None`. Must
+    /// return `None` at once when there is nothing (left) to do, e.g. after a resume.
+    fn bootstrap(
+        &mut self,
+        _global: &mut GlobalModel,
+        _clients: &[ClientId],
+        _replies: Option<Vec<(ClientId, Result<TaskResult, Failure>)>>,
+    ) -> Result<Option<Vec<(ClientId, Task)>>> {
+        Ok(None)
+    }
 
     /// The task of each sampled client in `round` (clients sorted by id).
     fn configure_train(
@@ -48,5 +66,42 @@ pub trait Strategy: Send + Sync {
     /// Restores [`Strategy::state`] from a checkpoint.
     fn restore(&mut self, _state: &serde_json::Value) -> Result<()> {
         Ok(())
+    }
+}
+
+/// Builds the strategy a config names; `server` is the stage-0 server set, when there is one.
+pub fn build(
+    cfg: &crate::config::FederatedConfig,
+    server: Option<crate::stage0::ServerSet>,
+) -> Box<dyn Strategy> {
+    use crate::config::StrategyKind;
+    let epochs = cfg.stage0.pre_train_epochs;
+    match cfg.strategy.kind {
+        StrategyKind::Fedavg => Box::new(
+            FedAvg::new(
+                cfg.run.seed,
+                cfg.mask.density,
+                cfg.mask.rule,
+                cfg.training.clone(),
+            )
+            .with_server_set(server, epochs),
+        ),
+        StrategyKind::Fedtiny => Box::new(FedTiny::new(
+            cfg.run.seed,
+            cfg.mask.density,
+            cfg.run.rounds,
+            cfg.fedtiny.clone(),
+            cfg.training.clone(),
+            cfg.stage0.clone(),
+            server,
+        )),
+        StrategyKind::IterativeMagnitude => Box::new(IterativeMagnitude::new(
+            cfg.run.seed,
+            cfg.mask.density,
+            cfg.fedtiny.adjust_every,
+            cfg.fedtiny.t_end(cfg.run.rounds),
+            cfg.training.clone(),
+            server.map(|s| (s, epochs)),
+        )),
     }
 }

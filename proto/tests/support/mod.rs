@@ -3,13 +3,16 @@
 #![allow(dead_code)]
 
 use fedtiny_common::data::Augment;
+use fedtiny_common::fedtiny::Allocation;
 use fedtiny_common::mask::{Mask, MaskSet};
 use fedtiny_common::models::{Arch, Model, ModelSpec};
 use fedtiny_common::optim::OptimizerConfig;
+use fedtiny_common::param::Role;
 use fedtiny_common::state::StateDict;
 use fedtiny_common::task::{
+    CalibrateResult, CalibrateTask, CandidateEvalResult, CandidateEvalTask, CandidateSet,
     EvaluateResult, EvaluateTask, LocalTraining, ModelPayload, Task, TaskResult, TrainResult,
-    TrainTask,
+    TrainTask, Validation,
 };
 
 /// SplitMix64: a tiny deterministic generator for tests.
@@ -109,6 +112,7 @@ pub fn train_task(model: &Model, masks: &MaskSet, send_masks: bool) -> Task {
         model: payload(model, masks, send_masks),
         training: training(),
         seed: 0xDEAD_BEEF,
+        adjust: Vec::new(),
     })
 }
 
@@ -132,6 +136,7 @@ pub fn train_result(model: &Model, masks: &MaskSet) -> TaskResult {
         train_accuracy: 0.81,
         seconds: 12.5,
         peak_rss_bytes: Some(123 << 20),
+        topk: Vec::new(),
     })
 }
 
@@ -141,5 +146,148 @@ pub fn evaluate_result() -> TaskResult {
         loss_sum: 512.25,
         correct: 800,
         count: 1000,
+    })
+}
+
+/// Top-K requests over every prunable tensor of a masked model: K = a third of its pruned
+/// positions (at least 1).
+pub fn adjust(model: &Model, masks: &MaskSet) -> Vec<(String, usize)> {
+    model
+        .prunable_names()
+        .into_iter()
+        .map(|name| {
+            let m = masks.get(&name).expect("a mask per prunable tensor");
+            let k = ((m.len() - m.active()) / 3).max(1);
+            (name, k)
+        })
+        .collect()
+}
+
+/// A train task of an adjustment round (see [`adjust`]).
+pub fn adjust_task(model: &Model, masks: &MaskSet, send_masks: bool) -> Task {
+    let Task::Train(mut t) = train_task(model, masks, send_masks) else {
+        unreachable!()
+    };
+    t.adjust = adjust(model, masks);
+    Task::Train(t)
+}
+
+/// A train result answering [`adjust_task`]: for each requested tensor, K pseudo-random
+/// gradients at pruned positions, ascending by index.
+pub fn adjust_result(model: &Model, masks: &MaskSet) -> TaskResult {
+    let TaskResult::Train(mut r) = train_result(model, masks) else {
+        unreachable!()
+    };
+    let mut rng = SplitMix(17);
+    r.topk = adjust(model, masks)
+        .into_iter()
+        .map(|(name, k)| {
+            let m = masks.get(&name).expect("mask");
+            let pruned: Vec<usize> = (0..m.len()).filter(|&i| !m.get(i)).collect();
+            let step = (pruned.len() / k).max(1);
+            let pairs = pruned
+                .iter()
+                .step_by(step)
+                .take(k)
+                .map(|&i| (i as u32, rng.unit() - 0.5))
+                .collect();
+            (name, pairs)
+        })
+        .collect();
+    TaskResult::Train(r)
+}
+
+pub fn candidates(n: usize, allocation: Allocation) -> CandidateSet {
+    CandidateSet {
+        density: 0.1,
+        allocation,
+        seeds: (0..n as u64).map(|i| 1000 + 7 * i).collect(),
+    }
+}
+
+pub fn validation() -> Validation {
+    Validation {
+        fraction: 0.1,
+        seed: 42,
+    }
+}
+
+/// `n` sets of BatchNorm running statistics for a model: its running means and variances,
+/// perturbed per candidate (variances kept positive).
+pub fn bn_stats(model: &Model, n: usize, seed: u64) -> Vec<StateDict> {
+    let mut rng = SplitMix(seed);
+    let state = model.state_dict();
+    (0..n)
+        .map(|_| {
+            let mut s = StateDict::default();
+            for (name, e) in &state.entries {
+                if !matches!(e.role, Role::RunningMean | Role::RunningVar) {
+                    continue;
+                }
+                let mut e = e.clone();
+                for v in &mut e.values {
+                    *v = match e.role {
+                        Role::RunningVar => 0.1 + rng.unit(),
+                        _ => rng.unit() - 0.5,
+                    };
+                }
+                s.entries.insert(name.clone(), e);
+            }
+            s
+        })
+        .collect()
+}
+
+/// The dense pre-trained model, with the empty mask set sent along (or held, version 0).
+pub fn dense_payload(model: &Model, send_masks: bool) -> ModelPayload {
+    payload(model, &MaskSet::default(), send_masks)
+}
+
+pub fn calibrate_task(model: &Model, n: usize, allocation: Allocation, send_masks: bool) -> Task {
+    Task::Calibrate(CalibrateTask {
+        round: 0,
+        model: dense_payload(model, send_masks),
+        candidates: candidates(n, allocation),
+        passes: 2,
+        batch_size: 32,
+        validation: validation(),
+    })
+}
+
+pub fn eval_candidates_task(
+    model: &Model,
+    n: usize,
+    allocation: Allocation,
+    send_masks: bool,
+) -> Task {
+    Task::EvaluateCandidates(CandidateEvalTask {
+        round: 0,
+        model: dense_payload(model, send_masks),
+        candidates: candidates(n, allocation),
+        bn: bn_stats(model, n, 5),
+        batch_size: 128,
+        validation: validation(),
+    })
+}
+
+pub fn calibrate_result(model: &Model, n: usize) -> TaskResult {
+    TaskResult::Calibrate(CalibrateResult {
+        round: 0,
+        val_count: 60,
+        bn: bn_stats(model, n, 11),
+    })
+}
+
+pub fn eval_candidates_result(n: usize) -> TaskResult {
+    TaskResult::EvaluateCandidates(CandidateEvalResult {
+        round: 0,
+        stats: (0..n)
+            .map(|i| EvaluateResult {
+                round: 0,
+                loss_sum: 10.0 + i as f64,
+                correct: 30 + i % 30,
+                count: 60,
+            })
+            .collect(),
     })
 }

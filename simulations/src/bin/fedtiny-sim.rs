@@ -2,7 +2,8 @@
 //!
 //! - `fedtiny-sim train [CONFIG]`: centralized training (embedded default: the `cnn` on the
 //!   committed Fashion-MNIST sample), with a progress bar, per-epoch metrics and a run folder.
-//! - `fedtiny-sim bench`: training throughput of the models (median samples/s).
+//! - `fedtiny-sim bench`: training throughput of the models (median samples/s), optionally over a
+//!   density sweep (`--densities 1,0.1,0.01`) with speed-ups over dense.
 //! - `fedtiny-sim data download --dir DIR`: fetch Fashion-MNIST, checksums verified.
 
 use std::io::IsTerminal;
@@ -32,6 +33,17 @@ enum Command {
     Train(TrainArgs),
     /// Federated simulation: N clients on this machine (in process by default).
     Run(RunArgs),
+    /// Compare methods × densities × seeds (FedTiny, its ablations and the baselines).
+    Experiment {
+        /// Experiment config; without it the embedded short comparison on the sample runs.
+        config: Option<PathBuf>,
+        /// Override the dataset directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Override output.dir.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print the per-round metrics of a federated run folder.
     Report {
         /// The run folder (holds metrics.jsonl and summary.json).
@@ -148,6 +160,10 @@ struct BenchArgs {
     /// Repeats per model (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Densities of the prunable tensors to sweep (random layer-wise masks), comma-separated;
+    /// density 1 (the dense reference for the speed-ups) is always measured.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    densities: Vec<f64>,
     /// Reference throughput to compare with, as model=samples_per_sec (repeatable), e.g. the
     /// PyTorch figure measured on the same machine.
     #[arg(long = "reference", value_parser = parse_reference)]
@@ -189,6 +205,11 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Train(a) => train(a),
         Command::Run(a) => run_federated(a),
+        Command::Experiment {
+            config,
+            data_dir,
+            out,
+        } => run_experiment(config, data_dir, out),
         Command::Report { run_dir } => {
             print_rounds(&run_dir.join("metrics.jsonl"))?;
             let summary = run_dir.join("summary.json");
@@ -390,24 +411,29 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             repeats: a.repeats,
             seed: 1,
             optimizer: OptimizerConfig::default(),
+            densities: a.densities.clone(),
         };
         eprintln!("measuring {arch} (width {width}) ...");
         rows.extend(bench::run(&opts, &mut |r| {
             eprintln!(
-                "  {} w{}: {:.0} samples/s (median of {}; min {:.0}, max {:.0})",
+                "  {} w{} density {}: {:.0} samples/s (median of {}; min {:.0}, max {:.0}), {:.2}x dense",
                 r.arch,
                 r.width,
+                r.density,
                 r.samples_per_sec,
                 r.repeats.len(),
                 r.samples_per_sec_min,
-                r.samples_per_sec_max
+                r.samples_per_sec_max,
+                r.speedup
             );
         })?);
     }
     let md = bench::markdown(&rows, &a.references);
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let header = format!(
-        "Training throughput, batch {}, {} threads, input 28x28x1, Adam; median of {} repeats of {} steps.\n\n",
+        "Training throughput, batch {}, {} threads, input 28x28x1, Adam; median of {} repeats of {} steps; \
+         random layer-wise masks at each density, densities of a model measured round-robin; \
+         speed-up over the same model at density 1 in this run.\n\n",
         a.batch_size, a.threads, a.repeats, a.steps
     );
     std::fs::write(a.out.join("bench.md"), format!("{header}{md}"))
@@ -532,5 +558,76 @@ fn print_rounds(path: &std::path::Path) -> Result<()> {
             m.seconds
         );
     }
+    Ok(())
+}
+
+fn run_experiment(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    use fedtiny_simulations::experiment::{self, DEFAULT_EXPERIMENT, ExperimentConfig};
+    let (text, origin) = match &config {
+        Some(p) => (
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None => (
+            DEFAULT_EXPERIMENT.to_string(),
+            "<embedded experiment-sample.toml>".into(),
+        ),
+    };
+    let mut cfg = ExperimentConfig::from_toml(&text, &origin)?;
+    if let Some(d) = data_dir {
+        cfg.base.federation.eval.data_dir = d;
+        cfg.base.clients.data_dir = None;
+    }
+    if let Some(o) = out {
+        cfg.base.federation.output.dir = o;
+    }
+    cfg.validate()
+        .context("invalid configuration after overrides")?;
+    let (train, test) = federated::load_data(&cfg.base).context("loading data")?;
+    let runs = cfg.runs().len();
+    println!(
+        "experiment {}: {} runs ({} methods x {} densities x {} seeds), {} rounds each",
+        cfg.experiment.name,
+        runs,
+        cfg.experiment.methods.len(),
+        cfg.experiment.densities.len(),
+        cfg.experiment.seeds.len(),
+        cfg.base.federation.run.rounds
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let started = std::time::Instant::now();
+    let (dir, _) = runtime.block_on(async {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupt: stopping after the current run's checkpoint");
+                let _ = tx.send(true);
+            }
+        });
+        experiment::run(&cfg, train, test, rx, &mut |i, n, r| {
+            println!(
+                "[{i}/{n}] {} d={} seed {}: accuracy {:.2}%  ({:.0} s elapsed)",
+                r.method.name(),
+                r.density,
+                r.seed,
+                100.0 * r.accuracy,
+                started.elapsed().as_secs_f64()
+            );
+        })
+        .await
+    })?;
+    let table = std::fs::read_to_string(dir.path().join("results.md"))?;
+    println!(
+        "\n{table}\nresults, plots and run folders in {}",
+        dir.path().display()
+    );
     Ok(())
 }

@@ -1,0 +1,611 @@
+//! Sparse convolution over NHWC batches without an im2col matrix ("direct" sparse convolution).
+//!
+//! Each image is packed channel-major with its zero padding, split into the `s × s` phases of
+//! the stride `s` (phase `(ry, rx)` holds padded pixel `(s·a + ry, s·b + rx)` at `(a, b)`): an
+//! `Hq × Wq` plane per phase, image and channel, `Hq = ⌈(h + 2p)/s⌉`. Output pixel `(oy, ox)`
+//! of an image is position `oy·Wq + ox` of its `Hq × Wq` grid, and tap `(ky, kx)` of channel `c`
+//! reads phase `(ky mod s, kx mod s)` of channel `c` at that position plus
+//! `(ky div s)·Wq + kx div s`. A block packs `G` images: per channel, per phase, their planes
+//! one after another, so the grids of the `G` images are one run of `G·Hq·Wq` positions and
+//! weight row `k = (ky·kw + kx)·cin + c` is that run shifted. The kernels in
+//! [`super::products`] vectorise along the run; `G` is chosen so that runs hold at least
+//! [`TARGET_RUN`] positions (small feature maps would otherwise give short runs, whose
+//! per-entry overheads dominate).
+//!
+//! Grid positions outside an `oh × ow` output (right and bottom margins) are computed and
+//! dropped; their output gradient is packed as zero, so they add nothing to the gradients, and
+//! valid positions only ever read their own image. The margins are the plan's
+//! [`ConvPlan::waste`]: 1.31 for a 3×3 convolution on 14×14, 2.8 on 3×3, 9 on 1×1 (padding 1).
+//!
+//! Packing moves `n·h·w·cin` values in and `n·oh·ow·cout` out per product (what im2col would
+//! move is `kh·kw` times the former). The forward and backward passes are fused per block
+//! (pack, multiply, unpack while the block's buffers are in cache), so packed outputs and
+//! gradients never go through memory as whole batches.
+
+use rayon::prelude::*;
+
+use super::layout::{Layout, round_up};
+use super::products;
+use super::simd::{self, Isa, LANES, Lanes};
+use super::transpose::transpose_block;
+use super::weight::SparseWeight;
+use crate::kernels::ConvGeometry;
+use crate::{Error, Result};
+
+/// Positions per run that the number of images per block aims for.
+pub const TARGET_RUN: usize = 256;
+
+/// Images that the backward pass's tasks take at least (a fixed number, so that the order of
+/// the weight-gradient sums does not depend on the thread count).
+pub const IMAGES_PER_TASK: usize = 4;
+
+/// The packed layout of one convolution's input and the sparse products over it.
+#[derive(Clone, Debug)]
+pub struct ConvPlan {
+    g: ConvGeometry,
+    /// Phases used along each axis: `min(stride, kh)` and `min(stride, kw)`.
+    phases: (usize, usize),
+    /// Grid of one phase plane and of one image's output.
+    hq: usize,
+    wq: usize,
+    /// Images per block (`G`).
+    images: usize,
+    layout: Layout,
+    isa: Isa,
+}
+
+impl ConvPlan {
+    /// A plan for the geometry `g`, using the best instruction set of this CPU.
+    pub fn new(g: &ConvGeometry) -> Result<Self> {
+        let s = g.stride;
+        let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+        let (hq, wq) = (hp.div_ceil(s), wp.div_ceil(s));
+        let phases = (s.min(g.kh), s.min(g.kw));
+        let plane = hq * wq;
+        let images = TARGET_RUN.div_ceil(plane.max(1)).clamp(1, g.n.max(1));
+        let out_len = round_up((images * plane).max(1), LANES);
+        let mut row_group = Vec::with_capacity(g.patch());
+        let mut shift = Vec::with_capacity(g.patch());
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let phase = (ky % s) * phases.1 + kx % s;
+                let sh = phase * images * plane + (ky / s) * wq + kx / s;
+                for c in 0..g.c {
+                    row_group.push(c);
+                    shift.push(sh);
+                }
+            }
+        }
+        let max_shift = shift.iter().copied().max().unwrap_or(0);
+        let group_len = round_up(max_shift + out_len, 8);
+        let blocks = g.n.div_ceil(images);
+        let layout = Layout::new(blocks, g.c, group_len, out_len, &row_group, shift)?;
+        Ok(ConvPlan {
+            g: *g,
+            phases,
+            hq,
+            wq,
+            images,
+            layout,
+            isa: Isa::detect(),
+        })
+    }
+
+    /// Uses `isa` instead of the detected instruction set.
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        self.isa = isa;
+        self
+    }
+
+    /// The geometry planned for.
+    pub fn geometry(&self) -> &ConvGeometry {
+        &self.g
+    }
+
+    /// The packed layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Images per block.
+    pub fn images_per_block(&self) -> usize {
+        self.images
+    }
+
+    /// Grid positions computed per output pixel (≥ 1): the cost factor of the margins.
+    pub fn waste(&self) -> f64 {
+        self.layout.out_len() as f64 / (self.images * self.g.oh * self.g.ow).max(1) as f64
+    }
+
+    fn plane(&self) -> usize {
+        self.hq * self.wq
+    }
+
+    /// Calls `f(iy, ix0, count, pos)` for every run of input pixels that the packing stores
+    /// contiguously: pixels `ix0, ix0 + s, …` (`count` of them) of input row `iy` of the first
+    /// image of a block sit at positions `pos, pos + 1, …` of each channel's region (image `i`
+    /// of the block: `pos + i·Hq·Wq`). Pixels that no tap reads (a stride larger than the
+    /// window) are in no run.
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
+        let g = &self.g;
+        let s = g.stride;
+        let phase_len = self.images * self.plane();
+        for iy in 0..g.h {
+            let py = iy + g.pad;
+            if py % s >= self.phases.0 {
+                continue;
+            }
+            for rx in 0..self.phases.1 {
+                // The first ix ≥ 0 with (ix + pad) mod s == rx.
+                let ix0 = (rx + s - g.pad % s) % s;
+                if ix0 >= g.w {
+                    continue;
+                }
+                let count = (g.w - 1 - ix0) / s + 1;
+                let phase = (py % s) * self.phases.1 + rx;
+                f(
+                    iy,
+                    ix0,
+                    count,
+                    phase * phase_len + (py / s) * self.wq + (ix0 + g.pad) / s,
+                );
+            }
+        }
+    }
+
+    /// Packs the NHWC images of one block (up to `G`; missing ones stay zero) into the block
+    /// (overwritten).
+    fn pack_block(&self, images: &[f32], block: &mut [f32]) {
+        let (g, gl, plane) = (&self.g, self.layout.group_len, self.plane());
+        block.fill(0.0);
+        for (i, img) in images.chunks(g.image_len().max(1)).enumerate() {
+            self.for_each_run(|iy, ix0, count, pos| {
+                let src = &img[(iy * g.w + ix0) * g.c..];
+                let dst = &mut block[pos + i * plane..];
+                let step = g.stride * g.c;
+                transpose_block(src, step, dst, gl, g.c, count, |d, v, _| *d = v);
+            });
+        }
+    }
+
+    /// Unpacks a block into its NHWC images (overwritten; pixels no tap reads become zero).
+    fn unpack_block(&self, block: &[f32], images: &mut [f32]) {
+        let (g, gl, plane) = (&self.g, self.layout.group_len, self.plane());
+        if self.phases != (g.stride, g.stride) {
+            images.fill(0.0);
+        }
+        for (i, img) in images.chunks_mut(g.image_len().max(1)).enumerate() {
+            self.for_each_run(|iy, ix0, count, pos| {
+                let src = &block[pos + i * plane..];
+                let dst = &mut img[(iy * g.w + ix0) * g.c..];
+                let step = g.stride * g.c;
+                transpose_block(src, gl, dst, step, count, g.c, |d, v, _| *d = v);
+            });
+        }
+    }
+
+    /// A block's output `[N][out_len]` → its images' NHWC pixels `[oh·ow][N]` (+ bias).
+    fn unpack_output(&self, t: &[f32], cols: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+        let (g, len, plane) = (&self.g, self.layout.out_len(), self.plane());
+        for (i, yi) in y.chunks_mut((g.oh * g.ow * cols).max(1)).enumerate() {
+            for oy in 0..g.oh {
+                let (src, dst) = (&t[i * plane + oy * self.wq..], &mut yi[oy * g.ow * cols..]);
+                match bias {
+                    Some(b) => transpose_block(src, len, dst, cols, g.ow, cols, |d, v, c| {
+                        *d = v + b[c];
+                    }),
+                    None => transpose_block(src, len, dst, cols, g.ow, cols, |d, v, _| *d = v),
+                }
+            }
+        }
+    }
+
+    /// A block's NHWC output gradient → `[N][out_len]` (resized), zero at the grid margins.
+    fn pack_output_grad(&self, dy: &[f32], cols: usize, t: &mut Vec<f32>) {
+        let (g, len, plane) = (&self.g, self.layout.out_len(), self.plane());
+        t.clear();
+        t.resize(cols * len, 0.0);
+        for (i, di) in dy.chunks((g.oh * g.ow * cols).max(1)).enumerate() {
+            for oy in 0..g.oh {
+                let (src, dst) = (&di[oy * g.ow * cols..], &mut t[i * plane + oy * self.wq..]);
+                transpose_block(src, cols, dst, len, cols, g.ow, |d, v, _| *d = v);
+            }
+        }
+    }
+
+    /// Packs the NHWC input `x` into `s` (resized). [`ConvPlan::forward`] does this itself.
+    pub fn pack_input(&self, x: &[f32], s: &mut Vec<f32>) -> Result<()> {
+        let g = &self.g;
+        check("input", g.n * g.image_len(), x.len())?;
+        s.resize(self.layout.src_len(), 0.0);
+        s.par_chunks_mut(self.layout.block_len().max(1))
+            .zip(x.par_chunks((self.images * g.image_len()).max(1)))
+            .for_each(|(sb, imgs)| self.pack_block(imgs, sb));
+        Ok(())
+    }
+
+    /// Unpacks a packed input `s` back to NHWC `x` (`[n, h, w, cin]`, overwritten). Pixels that
+    /// no tap reads (a stride larger than the window skips them) come back as zero, which is
+    /// also what im2col makes of them.
+    pub fn unpack_input(&self, s: &[f32], x: &mut [f32]) -> Result<()> {
+        let g = &self.g;
+        check("packed input", self.layout.src_len(), s.len())?;
+        check("input", g.n * g.image_len(), x.len())?;
+        x.par_chunks_mut((self.images * g.image_len()).max(1))
+            .zip(s.par_chunks(self.layout.block_len().max(1)))
+            .for_each(|(imgs, sb)| self.unpack_block(sb, imgs));
+        Ok(())
+    }
+
+    /// `y = conv(x, W) (+ bias)` for the NHWC batch `x`, into NHWC `y` (`[n, oh, ow, cout]`,
+    /// overwritten). The packed input is left in `s` (resized) for [`ConvPlan::backward`].
+    /// Blocks are independent tasks: each is packed, multiplied and unpacked while it is in
+    /// cache.
+    pub fn forward(
+        &self,
+        w: &SparseWeight,
+        x: &[f32],
+        bias: Option<&[f32]>,
+        s: &mut Vec<f32>,
+        y: &mut [f32],
+    ) -> Result<()> {
+        let (g, cols, l) = (&self.g, w.cols(), &self.layout);
+        let pixels = g.oh * g.ow;
+        check("weight rows", l.rows(), w.rows())?;
+        check("input", g.n * g.image_len(), x.len())?;
+        check("output", g.n * pixels * cols, y.len())?;
+        if let Some(b) = bias {
+            check("bias", cols, b.len())?;
+        }
+        s.resize(l.src_len(), 0.0);
+        let isa = self.isa;
+        y.par_chunks_mut((self.images * pixels * cols).max(1))
+            .zip(s.par_chunks_mut(l.block_len().max(1)))
+            .zip(x.par_chunks((self.images * g.image_len()).max(1)))
+            .for_each_init(Vec::new, |t, ((yb, sb), xb)| {
+                self.pack_block(xb, sb);
+                t.resize(cols * l.out_len(), 0.0);
+                products::forward_block(isa, l, w, sb, t);
+                self.unpack_output(t, cols, bias, yb);
+            });
+        Ok(())
+    }
+
+    /// The gradients of [`ConvPlan::forward`] from the packed input `s` and the NHWC output
+    /// gradient `dy`: the NHWC input gradient into `dx` and the weight gradient at the active
+    /// entries of `w` into `dw` (the dense `[kh·kw·cin, cout]` matrix, zero elsewhere), each
+    /// only if asked for. `partials` is scratch.
+    ///
+    /// Tasks take fixed runs of blocks (at least [`IMAGES_PER_TASK`] images), and each block is
+    /// packed, used for both gradients and unpacked while it is in cache. Each task sums its
+    /// blocks' weight gradients (lanes in block order, then reduced); the tasks' sums are added
+    /// in task order.
+    pub fn backward(
+        &self,
+        w: &SparseWeight,
+        s: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: Option<&mut [f32]>,
+        partials: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (g, cols, l) = (&self.g, w.cols(), &self.layout);
+        let (block, nnz) = (l.block_len(), w.nnz());
+        check("weight rows", l.rows(), w.rows())?;
+        check("packed input", l.src_len(), s.len())?;
+        check("output gradient", g.n * g.oh * g.ow * cols, dy.len())?;
+        if dx.is_none() && dw.is_none() {
+            return Ok(());
+        }
+        let per_task = IMAGES_PER_TASK.div_ceil(self.images);
+        let tasks = l.blocks().div_ceil(per_task);
+        let (block_in, block_out) = (
+            self.images * g.image_len(),
+            self.images * g.oh * g.ow * cols,
+        );
+        let dx_parts: Vec<Option<&mut [f32]>> = match dx {
+            Some(d) => {
+                check("input gradient", g.n * g.image_len(), d.len())?;
+                d.chunks_mut((per_task * block_in).max(1))
+                    .map(Some)
+                    .collect()
+            }
+            None => (0..tasks).map(|_| None).collect(),
+        };
+        let want_dw = dw.is_some() && nnz > 0;
+        partials.clear();
+        partials.resize(if want_dw { tasks * nnz } else { 0 }, 0.0);
+        let dw_parts: Vec<Option<&mut [f32]>> = if want_dw {
+            partials.chunks_mut(nnz).map(Some).collect()
+        } else {
+            (0..tasks).map(|_| None).collect()
+        };
+        let isa = self.isa;
+        dx_parts
+            .into_par_iter()
+            .zip(dw_parts)
+            .enumerate()
+            .for_each_init(TaskScratch::default, |sc, (task, (mut dxp, dwp))| {
+                let b0 = task * per_task;
+                let b1 = (b0 + per_task).min(l.blocks());
+                if dwp.is_some() {
+                    sc.lanes.clear();
+                    sc.lanes.resize(nnz, [0.0; LANES]);
+                }
+                for b in b0..b1 {
+                    let dyb = &dy[b * block_out..][..block_out.min(dy.len() - b * block_out)];
+                    self.pack_output_grad(dyb, cols, &mut sc.dt);
+                    if let Some(dxp) = dxp.as_deref_mut() {
+                        sc.ds.resize(block, 0.0);
+                        products::input_grad_block(isa, l, w, &sc.dt, &mut sc.ds);
+                        let at = (b - b0) * block_in;
+                        let end = (at + block_in).min(dxp.len());
+                        let imgs = &mut dxp[at..end];
+                        self.unpack_block(&sc.ds, imgs);
+                    }
+                    if dwp.is_some() {
+                        let sb = &s[b * block..][..block];
+                        products::weight_grad_block(isa, l, w, sb, &sc.dt, &mut sc.lanes);
+                    }
+                }
+                if let Some(p) = dwp {
+                    for (o, lanes) in p.iter_mut().zip(&sc.lanes) {
+                        *o = simd::reduce(lanes);
+                    }
+                }
+            });
+        if let Some(dw) = dw {
+            w.scatter_csr_sum(partials, if want_dw { tasks } else { 0 }, dw)?;
+        }
+        Ok(())
+    }
+}
+
+/// Per-task buffers of [`ConvPlan::backward`].
+#[derive(Default)]
+struct TaskScratch {
+    dt: Vec<f32>,
+    ds: Vec<f32>,
+    lanes: Vec<Lanes>,
+}
+
+fn check(what: &str, expected: usize, actual: usize) -> Result<()> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            format!("sparse conv {what}"),
+            expected,
+            actual,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::sparse::tests::{random, random_mask, thread_pool};
+
+    /// The definition, in f64: `y[n, oy, ox, co] = Σ w[ky, kx, ci, co] · x[n, iy, ix, ci]`.
+    struct Naive<'a> {
+        g: &'a ConvGeometry,
+        cout: usize,
+    }
+
+    impl Naive<'_> {
+        fn taps(&self, mut f: impl FnMut(usize, usize, usize)) {
+            // f(output pixel index, input element index, weight row k)
+            let g = self.g;
+            for n in 0..g.n {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                                if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                                    continue;
+                                }
+                                for c in 0..g.c {
+                                    let xi =
+                                        ((n * g.h + iy as usize) * g.w + ix as usize) * g.c + c;
+                                    let k = (ky * g.kw + kx) * g.c + c;
+                                    f((n * g.oh + oy) * g.ow + ox, xi, k);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f64> {
+            let co = self.cout;
+            let mut y = vec![0.0; self.g.rows() * co];
+            self.taps(|p, xi, k| {
+                for o in 0..co {
+                    y[p * co + o] += f64::from(x[xi]) * f64::from(w[k * co + o]);
+                }
+            });
+            y
+        }
+
+        fn input_grad(&self, dy: &[f32], w: &[f32]) -> Vec<f64> {
+            let co = self.cout;
+            let mut dx = vec![0.0; self.g.n * self.g.image_len()];
+            self.taps(|p, xi, k| {
+                for o in 0..co {
+                    dx[xi] += f64::from(dy[p * co + o]) * f64::from(w[k * co + o]);
+                }
+            });
+            dx
+        }
+
+        fn weight_grad(&self, x: &[f32], dy: &[f32]) -> Vec<f64> {
+            let co = self.cout;
+            let mut dw = vec![0.0; self.g.patch() * co];
+            self.taps(|p, xi, k| {
+                for o in 0..co {
+                    dw[k * co + o] += f64::from(x[xi]) * f64::from(dy[p * co + o]);
+                }
+            });
+            dw
+        }
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], scale: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-5 * scale.max(1.0) + 1e-5 * w.abs(),
+                "{what}[{i}]: {g} vs {w}"
+            );
+        }
+    }
+
+    fn geometries() -> Vec<(ConvGeometry, usize)> {
+        vec![
+            (ConvGeometry::new(2, 5, 6, 3, 3, 3, 1, 1).unwrap(), 4),
+            (ConvGeometry::new(3, 7, 7, 2, 3, 3, 2, 1).unwrap(), 5),
+            (ConvGeometry::new(2, 8, 6, 5, 1, 1, 2, 0).unwrap(), 3),
+            (ConvGeometry::new(1, 4, 4, 5, 1, 1, 1, 0).unwrap(), 7),
+            (ConvGeometry::new(2, 8, 8, 1, 5, 5, 1, 2).unwrap(), 2),
+            (ConvGeometry::new(2, 3, 3, 2, 3, 3, 1, 0).unwrap(), 3),
+            (ConvGeometry::new(1, 9, 7, 4, 3, 3, 3, 1).unwrap(), 6),
+            (ConvGeometry::new(3, 1, 1, 9, 3, 3, 1, 1).unwrap(), 5),
+            (ConvGeometry::new(2, 10, 9, 3, 2, 2, 2, 0).unwrap(), 4),
+            // Several images per block, the last block partly filled.
+            (ConvGeometry::new(23, 3, 3, 4, 3, 3, 1, 1).unwrap(), 5),
+            (ConvGeometry::new(37, 4, 5, 3, 3, 3, 2, 1).unwrap(), 3),
+            (ConvGeometry::new(40, 1, 1, 3, 3, 3, 1, 1).unwrap(), 2),
+        ]
+    }
+
+    #[test]
+    fn products_match_the_definition() {
+        let pool = thread_pool(2);
+        for (i, (g, cout)) in geometries().into_iter().enumerate() {
+            let (k, xs, ys) = (g.patch(), g.n * g.image_len(), g.rows() * cout);
+            for density in [0.0, -1.0, 0.01, 0.1, 0.5, 1.0] {
+                for isa in [Isa::portable(), Isa::detect()] {
+                    let seed = 100 * i as u64;
+                    let x = random(xs, seed);
+                    let dy = random(ys, seed + 1);
+                    let bias = random(cout, seed + 2);
+                    let mask = random_mask(k * cout, density, seed + 3);
+                    let mut wv = random(k * cout, seed + 4);
+                    mask.apply(&mut wv);
+                    let w = SparseWeight::new(&wv, &mask, k, cout).unwrap();
+                    let plan = ConvPlan::new(&g).unwrap().with_isa(isa);
+                    assert!(plan.waste() >= 1.0);
+                    if g.n > 10 {
+                        let per = plan.images_per_block();
+                        assert!(per > 1 && g.n % per != 0, "{g:?}: {per} images per block");
+                    }
+                    let naive = Naive { g: &g, cout };
+                    let what = format!("{g:?} cout {cout} d{density} {}", isa.name());
+                    let (mut s, mut s2, mut parts) = (Vec::new(), Vec::new(), Vec::new());
+                    let (mut y, mut dx, mut dw) = (
+                        vec![f32::NAN; ys],
+                        vec![f32::NAN; xs],
+                        vec![f32::NAN; k * cout],
+                    );
+                    let (mut dx2, mut dw2) = (vec![f32::NAN; xs], vec![f32::NAN; k * cout]);
+                    pool.install(|| {
+                        plan.pack_input(&x, &mut s).unwrap();
+                        let mut back = vec![f32::NAN; xs];
+                        plan.unpack_input(&s, &mut back).unwrap();
+                        if g.stride <= g.kh {
+                            assert_eq!(back, x, "unpack inverts pack");
+                        }
+                        plan.forward(&w, &x, Some(&bias), &mut s2, &mut y).unwrap();
+                        assert_eq!(s, s2, "forward packs as pack_input does");
+                        plan.backward(&w, &s2, &dy, Some(&mut dx), Some(&mut dw), &mut parts)
+                            .unwrap();
+                        // Each gradient alone gives the same result.
+                        plan.backward(&w, &s2, &dy, Some(&mut dx2), None, &mut parts)
+                            .unwrap();
+                        plan.backward(&w, &s2, &dy, None, Some(&mut dw2), &mut parts)
+                            .unwrap();
+                    });
+                    assert_eq!((&dx, &dw), (&dx2, &dw2), "{what}");
+                    let mut want = naive.forward(&x, &wv);
+                    for (p, v) in want.iter_mut().enumerate() {
+                        *v += f64::from(bias[p % cout]);
+                    }
+                    assert_close(&y, &want, 3.0, &format!("forward {what}"));
+                    let want = naive.input_grad(&dy, &wv);
+                    assert_close(&dx, &want, 3.0, &format!("dx {what}"));
+                    let mut want = naive.weight_grad(&x, &dy);
+                    for (p, v) in want.iter_mut().enumerate() {
+                        if !mask.get(p) {
+                            *v = 0.0;
+                        }
+                    }
+                    assert_close(&dw, &want, 3.0, &format!("dw {what}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let g = ConvGeometry::new(5, 9, 9, 6, 3, 3, 1, 1).unwrap();
+        let cout = 7;
+        let x = random(g.n * g.image_len(), 1);
+        let dy = random(g.rows() * cout, 2);
+        let mask = random_mask(g.patch() * cout, 0.3, 3);
+        let mut wv = random(g.patch() * cout, 4);
+        mask.apply(&mut wv);
+        let w = SparseWeight::new(&wv, &mask, g.patch(), cout).unwrap();
+        let plan = ConvPlan::new(&g).unwrap();
+        let run = |threads: usize| {
+            thread_pool(threads).install(|| {
+                let (mut s, mut parts) = (Vec::new(), Vec::new());
+                let mut y = vec![0.0; g.rows() * cout];
+                let mut dx = vec![0.0; x.len()];
+                let mut dw = vec![0.0; wv.len()];
+                plan.forward(&w, &x, None, &mut s, &mut y).unwrap();
+                plan.backward(&w, &s, &dy, Some(&mut dx), Some(&mut dw), &mut parts)
+                    .unwrap();
+                (y, dx, dw)
+            })
+        };
+        let one = run(1);
+        assert_eq!(one, run(2));
+        assert_eq!(one, run(3));
+    }
+
+    #[test]
+    fn shape_errors_are_reported() {
+        let g = ConvGeometry::new(1, 4, 4, 2, 3, 3, 1, 1).unwrap();
+        let plan = ConvPlan::new(&g).unwrap();
+        let mut s = Vec::new();
+        assert!(plan.pack_input(&[0.0; 3], &mut s).is_err());
+        let mask = crate::mask::Mask::ones(18 * 2);
+        let w = SparseWeight::new(&[0.0; 36], &mask, 18, 2).unwrap();
+        let x = [0.0; 32];
+        let mut y = vec![0.0; 5];
+        assert!(plan.forward(&w, &x, None, &mut s, &mut y).is_err());
+        let wrong = SparseWeight::new(&[0.0; 36], &mask, 9, 4).unwrap();
+        let mut y = vec![0.0; 16 * 4];
+        assert!(plan.forward(&wrong, &x, None, &mut s, &mut y).is_err());
+        let mut y = vec![0.0; 16 * 2];
+        plan.forward(&w, &x, Some(&[0.0; 2]), &mut s, &mut y)
+            .unwrap();
+        assert!(
+            plan.forward(&w, &x, Some(&[0.0; 3]), &mut s, &mut y)
+                .is_err()
+        );
+        let mut parts = Vec::new();
+        assert!(
+            plan.backward(&w, &s, &[0.0; 5], None, None, &mut parts)
+                .is_err()
+        );
+        let mut dx = vec![0.0; 31];
+        assert!(
+            plan.backward(&w, &s, &y, Some(&mut dx), None, &mut parts)
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,426 @@
+//! The comparison experiment: methods × densities × seeds from one config, each run a federated
+//! simulation on the same engine, clients, data split and budget; results as a Markdown and CSV
+//! table (final accuracy mean ± sd over seeds, training FLOPs, client memory, bytes per round)
+//! and accuracy-per-round SVG plots, all in the experiment folder beside every run's own folder.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fedtiny_common::cost::{self, Storage};
+use fedtiny_common::data::Dataset;
+use fedtiny_coordinator::checkpoint;
+use fedtiny_coordinator::config::{Granularity, MaskRule, StrategyKind};
+use fedtiny_coordinator::engine::FINAL_MODEL_FILE;
+use fedtiny_coordinator::metrics::RoundMetrics;
+use fedtiny_coordinator::run_dir::RunDir;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::federated::{SimConfig, run_in_process};
+use crate::plot::{Series, line_chart};
+use crate::{Result, SimError};
+
+/// The committed example: a short comparison on the embedded sample.
+pub const DEFAULT_EXPERIMENT: &str = include_str!("../configs/experiment-sample.toml");
+
+/// A method of the comparison (ablations of FedTiny included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// FedTiny with the configured settings.
+    Fedtiny,
+    /// FedTiny without adaptive BatchNorm selection.
+    FedtinyNoAbns,
+    /// FedTiny with a single candidate.
+    FedtinyOneCandidate,
+    /// FedTiny adjusting every tensor at every adjustment.
+    FedtinyEntire,
+    /// FedTiny adjusting one tensor per adjustment.
+    FedtinyLayer,
+    /// Dense FedAvg (density 1; run once per seed).
+    FedavgDense,
+    /// Fixed random mask.
+    Random,
+    /// Fixed magnitude mask after stage-0 pre-training.
+    Magnitude,
+    /// Fixed SNIP mask on the server set.
+    Snip,
+    /// Iterative magnitude pruning of the global model.
+    IterativeMagnitude,
+}
+
+impl Method {
+    /// The name used in tables and folders.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Fedtiny => "fedtiny",
+            Method::FedtinyNoAbns => "fedtiny_no_abns",
+            Method::FedtinyOneCandidate => "fedtiny_one_candidate",
+            Method::FedtinyEntire => "fedtiny_entire",
+            Method::FedtinyLayer => "fedtiny_layer",
+            Method::FedavgDense => "fedavg_dense",
+            Method::Random => "random",
+            Method::Magnitude => "magnitude",
+            Method::Snip => "snip",
+            Method::IterativeMagnitude => "iterative_magnitude",
+        }
+    }
+
+    /// The simulation config of this method at a density and seed.
+    pub fn configure(self, base: &SimConfig, density: f64, seed: u64) -> SimConfig {
+        let mut c = base.clone();
+        let f = &mut c.federation;
+        f.run.seed = seed;
+        f.mask.density = density;
+        f.strategy.kind = StrategyKind::Fedavg;
+        match self {
+            Method::Fedtiny => f.strategy.kind = StrategyKind::Fedtiny,
+            Method::FedtinyNoAbns => {
+                f.strategy.kind = StrategyKind::Fedtiny;
+                f.fedtiny.abns = false;
+            }
+            Method::FedtinyOneCandidate => {
+                f.strategy.kind = StrategyKind::Fedtiny;
+                f.fedtiny.candidates = 1;
+            }
+            Method::FedtinyEntire => {
+                f.strategy.kind = StrategyKind::Fedtiny;
+                f.fedtiny.granularity = Granularity::Entire;
+            }
+            Method::FedtinyLayer => {
+                f.strategy.kind = StrategyKind::Fedtiny;
+                f.fedtiny.granularity = Granularity::Layer;
+            }
+            Method::FedavgDense => f.mask.density = 1.0,
+            Method::Random => f.mask.rule = MaskRule::Random,
+            Method::Magnitude => f.mask.rule = MaskRule::Magnitude,
+            Method::Snip => f.mask.rule = MaskRule::Snip,
+            Method::IterativeMagnitude => f.strategy.kind = StrategyKind::IterativeMagnitude,
+        }
+        f.output.name = Some(format!("{}-d{}-s{seed}", self.name(), f.mask.density));
+        c
+    }
+}
+
+/// What to compare.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSection {
+    /// Folder name of the experiment under `output.dir`.
+    pub name: String,
+    /// Methods, in table order.
+    pub methods: Vec<Method>,
+    /// Densities (dense FedAvg ignores them).
+    pub densities: Vec<f64>,
+    /// Seeds.
+    pub seeds: Vec<u64>,
+}
+
+/// An experiment: the `[experiment]` table plus, at the top level, the base simulation every
+/// run derives from (exactly a `fedtiny-sim run` config).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExperimentConfig {
+    /// The comparison.
+    pub experiment: ExperimentSection,
+    /// Everything else, as in a `fedtiny-sim run` config.
+    pub base: SimConfig,
+}
+
+impl ExperimentConfig {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let err = |m: String| SimError::Config {
+            path: origin.into(),
+            message: m,
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let section = table
+            .remove("experiment")
+            .ok_or_else(|| err("missing the [experiment] table".into()))?;
+        let experiment: ExperimentSection = section
+            .try_into()
+            .map_err(|e: toml::de::Error| err(format!("[experiment]: {e}")))?;
+        let rest = toml::to_string(&table).map_err(|e| err(e.to_string()))?;
+        let base = SimConfig::from_toml(&rest, origin)?;
+        let c = ExperimentConfig { experiment, base };
+        c.validate().map_err(|e| err(e.to_string()))?;
+        Ok(c)
+    }
+
+    /// The config as TOML (the `[experiment]` table first).
+    pub fn to_toml(&self) -> Result<String> {
+        let ser = |e: toml::ser::Error| SimError::Serialize {
+            what: "experiment config".into(),
+            message: e.to_string(),
+        };
+        let mut head = toml::Table::new();
+        head.insert(
+            "experiment".into(),
+            toml::Value::try_from(&self.experiment).map_err(ser)?,
+        );
+        Ok(format!(
+            "{}\n{}",
+            toml::to_string_pretty(&head).map_err(ser)?,
+            self.base.to_toml()?
+        ))
+    }
+
+    /// Checks the comparison and every derived run config.
+    pub fn validate(&self) -> Result<()> {
+        let e = &self.experiment;
+        let bad = |m: &str| {
+            Err(SimError::Core(fedtiny_common::Error::InvalidConfig(
+                m.into(),
+            )))
+        };
+        if e.methods.is_empty() || e.densities.is_empty() || e.seeds.is_empty() {
+            return bad("experiment.methods, densities and seeds must not be empty");
+        }
+        for &m in &e.methods {
+            for &d in &e.densities {
+                m.configure(&self.base, d, e.seeds[0]).validate()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The (method, density, seed) runs, dense FedAvg once per seed.
+    pub fn runs(&self) -> Vec<(Method, f64, u64)> {
+        let e = &self.experiment;
+        let mut out = Vec::new();
+        for &seed in &e.seeds {
+            for &m in &e.methods {
+                if m == Method::FedavgDense {
+                    out.push((m, 1.0, seed));
+                } else {
+                    for &d in &e.densities {
+                        out.push((m, d, seed));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One finished run.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunRecord {
+    /// Method.
+    pub method: Method,
+    /// Density asked for.
+    pub density: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Final test accuracy.
+    pub accuracy: f64,
+    /// Accuracy after each evaluated round.
+    pub curve: Vec<(u64, f64)>,
+    /// Training FLOPs per sample at the final masks (`3·f_S`).
+    pub train_flops: f64,
+    /// Modelled client memory (model state + activations) at the final masks, in bytes.
+    pub memory_bytes: u64,
+    /// Largest peak RSS a client reported (in process: the simulation's).
+    pub peak_rss_bytes: Option<u64>,
+    /// Mean bytes per participating client per round, down and up.
+    pub bytes_per_round: (f64, f64),
+    /// The run folder.
+    pub run_dir: String,
+}
+
+/// Runs every configured run in process, one after another, writing each run's folder and then
+/// the experiment's tables and plots. `progress` receives each record as it completes.
+pub async fn run(
+    cfg: &ExperimentConfig,
+    train: Arc<Dataset>,
+    test: Arc<Dataset>,
+    stop: watch::Receiver<bool>,
+    progress: &mut (dyn FnMut(usize, usize, &RunRecord) + Send),
+) -> Result<(RunDir, Vec<RunRecord>)> {
+    cfg.validate()?;
+    let dir = RunDir::create(&cfg.base.federation.output.dir, &cfg.experiment.name)?;
+    dir.write("experiment.toml", cfg.to_toml()?.as_bytes())?;
+    let runs = cfg.runs();
+    let mut records = Vec::new();
+    for (i, &(method, density, seed)) in runs.iter().enumerate() {
+        if *stop.borrow() {
+            break;
+        }
+        let mut sim = method.configure(&cfg.base, density, seed);
+        sim.federation.output.dir = dir.path().join("runs");
+        let (summary, run_dir) =
+            run_in_process(&sim, train.clone(), test.clone(), stop.clone()).await?;
+        if summary.interrupted {
+            break;
+        }
+        let metrics: Vec<RoundMetrics> =
+            std::fs::read_to_string(run_dir.path().join("metrics.jsonl"))
+                .map_err(|e| SimError::io(run_dir.path().join("metrics.jsonl"), e))?
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+        let model = checkpoint::load_model(&run_dir.path().join(FINAL_MODEL_FILE))?.to_model()?;
+        let flops = cost::flops(&model)?;
+        let storage = if method == Method::FedavgDense {
+            Storage::Dense
+        } else {
+            Storage::Sparse
+        };
+        let memory = cost::memory(
+            &model,
+            sim.federation.training.batch_size,
+            sim.federation.training.optimizer.state_per_value(),
+            storage,
+        )?;
+        let record = RunRecord {
+            method,
+            density,
+            seed,
+            accuracy: summary.final_test_accuracy.unwrap_or(0.0),
+            curve: metrics
+                .iter()
+                .filter_map(|m| m.test_accuracy.map(|a| (m.round, a)))
+                .collect(),
+            train_flops: flops.train_sparse(),
+            memory_bytes: memory.total(),
+            peak_rss_bytes: metrics.iter().filter_map(|m| m.client_peak_rss_bytes).max(),
+            bytes_per_round: (
+                summary.mean_bytes_down_per_client,
+                summary.mean_bytes_up_per_client,
+            ),
+            run_dir: run_dir.path().display().to_string(),
+        };
+        progress(i + 1, runs.len(), &record);
+        records.push(record);
+    }
+    write_report(&dir, cfg, &records)?;
+    Ok((dir, records))
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    let m = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (m, var.sqrt())
+}
+
+/// Writes `results.md`, `results.csv`, `records.json` and one accuracy plot per density.
+pub fn write_report(
+    dir: &RunDir,
+    cfg: &ExperimentConfig,
+    records: &[RunRecord],
+) -> Result<Vec<PathBuf>> {
+    let dense = records.iter().find(|r| r.method == Method::FedavgDense);
+    let (dense_flops, dense_mem) = dense.map_or((f64::NAN, f64::NAN), |d| {
+        (d.train_flops, d.memory_bytes as f64)
+    });
+    let mut md = String::from(
+        "| method | density | seeds | final accuracy (mean ± sd) | train FLOPs/sample | × dense | client memory (model) | × dense | peak RSS | bytes/round/client down | up |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut csv = String::from(
+        "method,density,seeds,accuracy_mean,accuracy_sd,train_flops_per_sample,flops_vs_dense,memory_bytes,memory_vs_dense,peak_rss_bytes,bytes_down_per_round,bytes_up_per_round\n",
+    );
+    let mut groups: Vec<(Method, f64)> = Vec::new();
+    for r in records {
+        if !groups.iter().any(|g| g.0 == r.method && g.1 == r.density) {
+            groups.push((r.method, r.density));
+        }
+    }
+    for (m, d) in &groups {
+        let rs: Vec<&RunRecord> = records
+            .iter()
+            .filter(|r| r.method == *m && r.density == *d)
+            .collect();
+        let acc: Vec<f64> = rs.iter().map(|r| r.accuracy).collect();
+        let (mean, sd) = mean_sd(&acc);
+        let flops = rs[0].train_flops;
+        let mem = rs[0].memory_bytes as f64;
+        let rss = rs.iter().filter_map(|r| r.peak_rss_bytes).max();
+        let down = rs.iter().map(|r| r.bytes_per_round.0).sum::<f64>() / rs.len() as f64;
+        let up = rs.iter().map(|r| r.bytes_per_round.1).sum::<f64>() / rs.len() as f64;
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.2} ± {:.2} % | {:.2} M | {:.3} | {:.2} MiB | {:.3} | {} | {:.0} | {:.0} |\n",
+            m.name(),
+            d,
+            rs.len(),
+            100.0 * mean,
+            100.0 * sd,
+            flops / 1e6,
+            flops / dense_flops,
+            mem / (1 << 20) as f64,
+            mem / dense_mem,
+            rss.map_or("–".into(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)),
+            down,
+            up
+        ));
+        csv.push_str(&format!(
+            "{},{},{},{:.6},{:.6},{:.0},{:.6},{:.0},{:.6},{},{:.0},{:.0}\n",
+            m.name(),
+            d,
+            rs.len(),
+            mean,
+            sd,
+            flops,
+            flops / dense_flops,
+            mem,
+            mem / dense_mem,
+            rss.map_or(String::new(), |b| b.to_string()),
+            down,
+            up
+        ));
+    }
+    let mut written = vec![
+        dir.write("results.md", md.as_bytes())?,
+        dir.write("results.csv", csv.as_bytes())?,
+        dir.write_json("records.json", &records)?,
+    ];
+    let mut densities = cfg.experiment.densities.clone();
+    densities.sort_by(f64::total_cmp);
+    for d in densities {
+        let series: Vec<Series> = groups
+            .iter()
+            .filter(|(m, gd)| *gd == d || *m == Method::FedavgDense)
+            .map(|(m, gd)| {
+                let rs: Vec<&RunRecord> = records
+                    .iter()
+                    .filter(|r| r.method == *m && r.density == *gd)
+                    .collect();
+                let rounds: Vec<u64> = rs[0].curve.iter().map(|p| p.0).collect();
+                let points = rounds
+                    .iter()
+                    .map(|&t| {
+                        let v: Vec<f64> = rs
+                            .iter()
+                            .filter_map(|r| r.curve.iter().find(|p| p.0 == t).map(|p| p.1))
+                            .collect();
+                        (t as f64, v.iter().sum::<f64>() / v.len().max(1) as f64)
+                    })
+                    .collect();
+                Series {
+                    label: if *m == Method::FedavgDense {
+                        "fedavg_dense (d=1)".into()
+                    } else {
+                        m.name().into()
+                    },
+                    points,
+                }
+            })
+            .collect();
+        let svg = line_chart(
+            &format!("Test accuracy per round, density {d} (mean over seeds)"),
+            "round",
+            "test accuracy",
+            &series,
+        );
+        written.push(dir.write(&format!("accuracy-d{d}.svg"), svg.as_bytes())?);
+    }
+    Ok(written)
+}
