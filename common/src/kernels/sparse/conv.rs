@@ -33,11 +33,11 @@ use crate::kernels::ConvGeometry;
 use crate::{Error, Result};
 
 /// Positions per run that the number of images per block aims for.
-pub const TARGET_RUN: usize = 256;
+const TARGET_RUN: usize = 256;
 
 /// Images that the backward pass's tasks take at least (a fixed number, so that the order of
 /// the weight-gradient sums does not depend on the thread count).
-pub const IMAGES_PER_TASK: usize = 4;
+const IMAGES_PER_TASK: usize = 4;
 
 /// The packed layout of one convolution's input and the sparse products over it.
 #[derive(Clone, Debug)]
@@ -276,7 +276,7 @@ impl ConvPlan {
     /// entries of `w` into `dw` (the dense `[kh·kw·cin, cout]` matrix, zero elsewhere), each
     /// only if asked for. `partials` is scratch.
     ///
-    /// Tasks take fixed runs of blocks (at least [`IMAGES_PER_TASK`] images), and each block is
+    /// Tasks take fixed runs of blocks (at least 4 images), and each block is
     /// packed, used for both gradients and unpacked while it is in cache. Each task sums its
     /// blocks' weight gradients (lanes in block order, then reduced); the tasks' sums are added
     /// in task order.
