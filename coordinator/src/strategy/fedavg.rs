@@ -8,7 +8,7 @@ use fedtiny_common::aggregate::fedavg;
 use fedtiny_common::mask::MaskSet;
 use fedtiny_common::pruning::{magnitude_masks, random_masks};
 use fedtiny_common::rng;
-use fedtiny_common::task::{ClientId, LocalTraining, ModelPayload, Task, TrainResult, TrainTask};
+use fedtiny_common::task::{ClientId, LocalTraining, Task, TrainResult};
 
 use super::Strategy;
 use crate::config::MaskRule;
@@ -89,24 +89,14 @@ impl Strategy for FedAvg {
         global: &GlobalModel,
         clients: &[ClientId],
     ) -> Result<Vec<(ClientId, Task)>> {
-        Ok(clients
-            .iter()
-            .map(|c| {
-                let task = Task::Train(TrainTask {
-                    round,
-                    model: ModelPayload {
-                        spec: global.spec.clone(),
-                        mask_version: global.masks.version,
-                        masks: None,
-                        state: global.state.clone(),
-                    },
-                    training: self.training.clone(),
-                    seed: client_seed(self.seed, c, round),
-                    adjust: Vec::new(),
-                });
-                (c.clone(), task)
-            })
-            .collect())
+        Ok(super::train_tasks(
+            round,
+            global,
+            clients,
+            &self.training,
+            self.seed,
+            &[],
+        ))
     }
 
     fn aggregate_train(

@@ -24,13 +24,12 @@ use fedtiny_common::rng;
 use fedtiny_common::state::StateDict;
 use fedtiny_common::task::{
     CalibrateTask, CandidateEvalTask, CandidateSet, ClientId, LocalTraining, ModelPayload, Task,
-    TaskResult, TrainResult, TrainTask, Validation,
+    TaskResult, TrainResult, Validation,
 };
 use serde::{Deserialize, Serialize};
 
 use super::Strategy;
 use super::blocks::{adjustment_groups, group_at};
-use super::fedavg::client_seed;
 use crate::config::{FedTinySection, Stage0Section};
 use crate::error::{CoordinatorError, Result};
 use crate::global::GlobalModel;
@@ -331,26 +330,14 @@ impl Strategy for FedTiny {
         clients: &[ClientId],
     ) -> Result<Vec<(ClientId, Task)>> {
         let adjust = self.adjust_request(round, global);
-        Ok(clients
-            .iter()
-            .map(|c| {
-                (
-                    c.clone(),
-                    Task::Train(TrainTask {
-                        round,
-                        model: ModelPayload {
-                            spec: global.spec.clone(),
-                            mask_version: global.masks.version,
-                            masks: None,
-                            state: global.state.clone(),
-                        },
-                        training: self.training.clone(),
-                        seed: client_seed(self.seed, c, round),
-                        adjust: adjust.clone(),
-                    }),
-                )
-            })
-            .collect())
+        Ok(super::train_tasks(
+            round,
+            global,
+            clients,
+            &self.training,
+            self.seed,
+            &adjust,
+        ))
     }
 
     fn aggregate_train(

@@ -5,10 +5,9 @@
 use fedtiny_common::aggregate::fedavg;
 use fedtiny_common::pruning::magnitude_masks;
 use fedtiny_common::state::StateDict;
-use fedtiny_common::task::{ClientId, LocalTraining, ModelPayload, Task, TrainResult, TrainTask};
+use fedtiny_common::task::{ClientId, LocalTraining, Task, TrainResult};
 
 use super::Strategy;
-use super::fedavg::client_seed;
 use crate::error::Result;
 use crate::global::GlobalModel;
 use crate::proxy::Failure;
@@ -69,26 +68,14 @@ impl Strategy for IterativeMagnitude {
         global: &GlobalModel,
         clients: &[ClientId],
     ) -> Result<Vec<(ClientId, Task)>> {
-        Ok(clients
-            .iter()
-            .map(|c| {
-                (
-                    c.clone(),
-                    Task::Train(TrainTask {
-                        round,
-                        model: ModelPayload {
-                            spec: global.spec.clone(),
-                            mask_version: global.masks.version,
-                            masks: None,
-                            state: global.state.clone(),
-                        },
-                        training: self.training.clone(),
-                        seed: client_seed(self.seed, c, round),
-                        adjust: Vec::new(),
-                    }),
-                )
-            })
-            .collect())
+        Ok(super::train_tasks(
+            round,
+            global,
+            clients,
+            &self.training,
+            self.seed,
+            &[],
+        ))
     }
 
     fn aggregate_train(

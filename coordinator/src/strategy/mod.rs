@@ -69,6 +69,37 @@ pub trait Strategy: Send + Sync {
     }
 }
 
+/// One training task per client: the global model (masks attached later by the engine when the
+/// client lacks them), the local-training settings, the client's seed for the round, and the
+/// adjustment request (empty outside FedTiny's adjustment rounds).
+pub fn train_tasks(
+    round: u64,
+    global: &GlobalModel,
+    clients: &[ClientId],
+    training: &fedtiny_common::task::LocalTraining,
+    seed: u64,
+    adjust: &[(String, usize)],
+) -> Vec<(ClientId, Task)> {
+    clients
+        .iter()
+        .map(|c| {
+            let task = Task::Train(fedtiny_common::task::TrainTask {
+                round,
+                model: fedtiny_common::task::ModelPayload {
+                    spec: global.spec.clone(),
+                    mask_version: global.masks.version,
+                    masks: None,
+                    state: global.state.clone(),
+                },
+                training: training.clone(),
+                seed: client_seed(seed, c, round),
+                adjust: adjust.to_vec(),
+            });
+            (c.clone(), task)
+        })
+        .collect()
+}
+
 /// Builds the strategy a config names; `server` is the stage-0 server set, when there is one.
 pub fn build(
     cfg: &crate::config::FederatedConfig,
