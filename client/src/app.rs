@@ -9,22 +9,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fedtiny_common::data::{Dataset, Normalization};
-use fedtiny_common::fedtiny::{model_candidate, top_k_pruned_gradient};
-use fedtiny_common::layers::SlotMut;
+use fedtiny_common::fedtiny::model_candidate;
 use fedtiny_common::mask::MaskSet;
 use fedtiny_common::models::Model;
-use fedtiny_common::optim::Optimizer;
 use fedtiny_common::param::Role;
 use fedtiny_common::state::StateDict;
 use fedtiny_common::task::{
-    CalibrateResult, CalibrateTask, CandidateEvalResult, CandidateEvalTask, CandidateSet,
-    EvaluateResult, EvaluateTask, ModelPayload, Task, TaskResult, TrainResult, TrainTask,
-    validation_indices,
+    AdjustKind, CalibrateResult, CalibrateTask, CandidateEvalResult, CandidateEvalTask,
+    CandidateSet, EvaluateResult, EvaluateTask, ModelPayload, Task, TaskResult, TrainResult,
+    TrainTask, validation_indices,
 };
 use fedtiny_common::train::{self, BatchOptions, NoHooks, PassStats, StepHooks};
 use fedtiny_common::{cost, rng};
 
 use crate::ClientError;
+use crate::adjust::{self, AdjustHook};
 
 /// A client's own data: indices into shared datasets (a simulation shares one copy among all
 /// clients; an edge device loads just its own).
@@ -44,12 +43,41 @@ pub struct LocalData {
 pub struct ClientApp {
     data: LocalData,
     masks: Option<MaskSet>,
+    memory_budget_bytes: u64,
 }
 
 impl ClientApp {
     /// A client over its local data.
     pub fn new(data: LocalData) -> Self {
-        ClientApp { data, masks: None }
+        ClientApp {
+            data,
+            masks: None,
+            memory_budget_bytes: 0,
+        }
+    }
+
+    /// The same client with a memory budget in bytes (0 = none): a training task whose
+    /// predicted peak exceeds it is refused with [`ClientError::OverBudget`] before training.
+    pub fn with_memory_budget(mut self, bytes: u64) -> Self {
+        self.memory_budget_bytes = bytes;
+        self
+    }
+
+    /// Sets the memory budget in bytes (0 = none); see [`ClientApp::with_memory_budget`].
+    pub fn set_memory_budget(&mut self, bytes: u64) {
+        self.memory_budget_bytes = bytes;
+    }
+
+    /// The memory budget in bytes (0 = none).
+    pub fn memory_budget_bytes(&self) -> u64 {
+        self.memory_budget_bytes
+    }
+
+    /// The same client holding `masks` already, as if an earlier task had brought them (a
+    /// simulation that builds its clients per task hands each the masks it held).
+    pub fn with_masks(mut self, masks: MaskSet) -> Self {
+        self.masks = Some(masks);
+        self
     }
 
     /// Number of local training samples.
@@ -100,6 +128,8 @@ impl ClientApp {
             }
         };
         let mut model = Model::new(&payload.spec, 0)?;
+        // Masked weights hold only their active values, gradients and moments.
+        model.set_lean_storage(true)?;
         model.set_masks(masks)?;
         model.load_state_dict(&payload.state)?;
         Ok(model)
@@ -108,6 +138,7 @@ impl ClientApp {
     fn train(&mut self, t: &TrainTask) -> Result<TrainResult, ClientError> {
         let started = Instant::now();
         let mut model = self.load(&t.model)?;
+        self.check_budget(&model, t)?;
         let mut optimizer = t.training.optimizer.build()?;
         let opts = BatchOptions {
             batch_size: t.training.batch_size,
@@ -116,34 +147,57 @@ impl ClientApp {
         };
         let mut r = rng::seeded(t.seed);
         let mut stats = PassStats::default();
-        let mut topk = TopKHook {
-            requests: &t.adjust,
-            lists: Vec::new(),
-        };
-        for epoch in 0..t.training.epochs {
-            let hooks: &mut dyn StepHooks =
-                if epoch + 1 == t.training.epochs && !t.adjust.is_empty() {
-                    &mut topk
-                } else {
-                    &mut NoHooks
-                };
-            let s = train::train_epoch(
+        let mut hook = AdjustHook::new(&t.adjust, t.adjust_kind);
+        let per_epoch =
+            train::steps_per_epoch(self.data.train_indices.len(), t.training.batch_size);
+        let segments = adjust::plan(
+            per_epoch,
+            t.training.epochs,
+            t.training.max_steps,
+            t.adjust_kind,
+            !t.adjust.is_empty(),
+        );
+        let mut own_masks = Vec::new();
+        for segment in segments {
+            hook.capture = segment.capture;
+            let hooks: &mut dyn StepHooks = if segment.capture {
+                &mut hook
+            } else {
+                &mut NoHooks
+            };
+            let s = train::train_steps(
                 &mut model,
                 optimizer.as_mut(),
                 &self.data.train,
                 &self.data.train_indices,
                 &opts,
+                segment.steps,
                 &mut r,
                 hooks,
             )?;
             stats.merge(&s);
+            if segment.readjust_after {
+                own_masks = hook.readjust(&mut model)?;
+                // The moments belong to the old masks: start the optimizer afresh.
+                optimizer = t.training.optimizer.build()?;
+            }
         }
-        if topk.lists.len() != t.adjust.len() {
+        let topk = match t.adjust_kind {
+            AdjustKind::PrunedTopK => std::mem::take(&mut hook.topk),
+            AdjustKind::SquaredGradientSum => hook.squared_sums(&model),
+            AdjustKind::ClientPruneGrow => Vec::new(),
+        };
+        let answered = if t.adjust_kind == AdjustKind::ClientPruneGrow {
+            own_masks.len()
+        } else {
+            topk.len()
+        };
+        if answered != t.adjust.len() {
             return Err(ClientError::Core(fedtiny_common::Error::InvalidConfig(
                 format!(
-                    "adjustment asked for {} tensors, {} reported (unknown or unmasked names?)",
+                    "adjustment asked for {} tensors, {} answered (unknown or unmasked names?)",
                     t.adjust.len(),
-                    topk.lists.len()
+                    answered
                 ),
             )));
         }
@@ -156,8 +210,32 @@ impl ClientApp {
             train_accuracy: stats.accuracy(),
             seconds: started.elapsed().as_secs_f64(),
             peak_rss_bytes: cost::peak_rss_bytes(),
-            topk: topk.lists,
+            topk,
+            masks: own_masks,
         })
+    }
+
+    /// Refuses a training task whose predicted peak (the same prediction the coordinator makes,
+    /// under [`cost::CLIENT_STORAGE`]) exceeds the memory budget.
+    fn check_budget(&self, model: &Model, t: &TrainTask) -> Result<(), ClientError> {
+        let budget = self.memory_budget_bytes;
+        if budget == 0 {
+            return Ok(());
+        }
+        let footprint = cost::TrainFootprint::of_model(
+            model,
+            t.training.optimizer.state_per_value(),
+            cost::CLIENT_STORAGE,
+        )?;
+        let predicted = footprint.peak_bytes(t.training.batch_size);
+        if predicted > budget {
+            return Err(ClientError::OverBudget {
+                predicted,
+                budget,
+                batch_size: t.training.batch_size,
+            });
+        }
+        Ok(())
     }
 
     /// Builds `w0` (dense) and the candidates' masks.
@@ -189,6 +267,7 @@ impl ClientApp {
         // One candidate at a time: peak memory is one model plus one batch of activations.
         for m in &masks {
             let mut model = Model::new(&t.model.spec, 0)?;
+            model.set_lean_storage(true)?;
             model.set_masks(m)?;
             model.load_state_dict(&state)?;
             train::calibrate_batchnorm(&mut model, &self.data.train, &val, &opts, t.passes)?;
@@ -240,6 +319,7 @@ impl ClientApp {
                 }
             }
             let mut model = Model::new(&t.model.spec, 0)?;
+            model.set_lean_storage(true)?;
             model.set_masks(m)?;
             model.load_state_dict(&state)?;
             let s = train::evaluate(&mut model, &self.data.train, &val, &opts)?;
@@ -283,57 +363,5 @@ pub fn running_stats(state: &StateDict) -> StateDict {
             .filter(|(_, e)| matches!(e.role, Role::RunningMean | Role::RunningVar))
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect(),
-    }
-}
-
-/// Collects FedTiny's top-K gradients of pruned positions on the last step of an epoch. Before
-/// that step it asks the selected tensors for dense gradients (so a sparse kernel computes
-/// them); the extra memory is one tensor's gradient plus K entries per tensor.
-struct TopKHook<'a> {
-    requests: &'a [(String, usize)],
-    lists: Vec<(String, Vec<(u32, f32)>)>,
-}
-
-impl StepHooks for TopKHook<'_> {
-    fn before_step(
-        &mut self,
-        _step: usize,
-        last: bool,
-        model: &mut Model,
-        _optimizer: &mut dyn Optimizer,
-    ) {
-        if last {
-            let wanted = self.requests;
-            model.visit_mut(&mut |name, slot| {
-                if let SlotMut::Param(p) = slot
-                    && wanted.iter().any(|(n, _)| n == name)
-                {
-                    p.dense_grad = true;
-                }
-            });
-        }
-    }
-
-    fn before_optimizer_step(
-        &mut self,
-        last: bool,
-        model: &mut Model,
-    ) -> fedtiny_common::Result<()> {
-        if !last {
-            return Ok(());
-        }
-        let wanted = self.requests;
-        let mut lists = Vec::new();
-        model.visit_mut(&mut |name, slot| {
-            if let SlotMut::Param(p) = slot
-                && let Some((_, k)) = wanted.iter().find(|(n, _)| n == name)
-                && let (Some(mask), Some(g)) = (p.mask(), p.grad.as_slice())
-            {
-                lists.push((name.to_string(), top_k_pruned_gradient(g, mask, *k)));
-                p.dense_grad = false;
-            }
-        });
-        self.lists = lists;
-        Ok(())
     }
 }

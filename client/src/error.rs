@@ -16,6 +16,21 @@ pub enum ClientError {
         /// The version held, if any.
         held: Option<u64>,
     },
+    /// A training task's predicted peak memory exceeds this client's budget: the task is refused
+    /// before training (see [`fedtiny_common::cost::TrainFootprint`]).
+    #[error(
+        "memory budget exceeded: the task needs an estimated {} ({predicted} B) at batch size {batch_size}, above this client's budget of {} ({budget} B)",
+        fedtiny_common::cost::human_bytes(*.predicted),
+        fedtiny_common::cost::human_bytes(*.budget)
+    )]
+    OverBudget {
+        /// Predicted peak of the task, bytes.
+        predicted: u64,
+        /// The client's memory budget, bytes.
+        budget: u64,
+        /// The task's batch size.
+        batch_size: usize,
+    },
     /// The client has no local test data to evaluate on.
     #[error("this client has no local test data")]
     NoTestData,

@@ -7,6 +7,7 @@
 //!   fetch and upload chunked payloads, heartbeats while training, reconnect with backoff.
 //! - [`error`]: the crate's error type.
 
+mod adjust;
 pub mod app;
 pub mod error;
 pub mod session;

@@ -55,7 +55,9 @@ struct Args {
     /// Kernel threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Memory budget to declare, in MiB (0 = none).
+    /// Memory budget to declare, in MiB (0 = none). The coordinator sends only training tasks
+    /// whose predicted peak fits (lowering the batch size where its config allows), and the
+    /// client refuses any that would not.
     #[arg(long, default_value_t = 0)]
     memory_budget_mib: u64,
     /// Largest gRPC message, in bytes.
@@ -113,12 +115,17 @@ fn main() -> Result<()> {
         _ => (0..train.len()).collect(),
     };
     tracing::info!(samples = indices.len(), "local training data");
+    let memory_budget_bytes = a
+        .memory_budget_mib
+        .checked_mul(1 << 20)
+        .context("--memory-budget-mib is too large")?;
     let app = ClientApp::new(LocalData {
         train,
         train_indices: indices,
         test: None,
         normalization: a.dataset.normalization(),
-    });
+    })
+    .with_memory_budget(memory_budget_bytes);
     let cfg = SessionConfig {
         endpoint: a.coordinator.clone(),
         tls: ClientTlsFiles {
@@ -127,7 +134,7 @@ fn main() -> Result<()> {
             key: a.key,
             server_name: a.server_name,
         },
-        memory_budget_bytes: a.memory_budget_mib << 20,
+        memory_budget_bytes,
         max_message_bytes: a.max_message_bytes,
         max_reconnects: a.max_reconnects,
         threads: a.threads,

@@ -29,7 +29,8 @@ pub struct SessionConfig {
     pub endpoint: String,
     /// TLS material.
     pub tls: ClientTlsFiles,
-    /// Memory budget declared at join (0 = none).
+    /// Memory budget declared at join (0 = none). The client also refuses training tasks whose
+    /// predicted peak exceeds it (unless its [`ClientApp`] was given a budget of its own).
     pub memory_budget_bytes: u64,
     /// Largest gRPC message sent or accepted.
     pub max_message_bytes: usize,
@@ -112,6 +113,10 @@ async fn connect(
 /// protocol refusals as errors.
 pub async fn run(cfg: SessionConfig, app: ClientApp) -> Result<Outcome, ClientError> {
     let tls_cfg = tls::client_tls_config(&cfg.tls).map_err(|e| ClientError::Tls(e.to_string()))?;
+    let mut app = app;
+    if app.memory_budget_bytes() == 0 {
+        app.set_memory_budget(cfg.memory_budget_bytes);
+    }
     let app = Arc::new(Mutex::new(app));
     let pool =
         Arc::new(fedtiny_common::parallel::thread_pool(cfg.threads).map_err(ClientError::Core)?);

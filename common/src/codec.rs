@@ -8,7 +8,9 @@
 //! - Any other tensor travels as the smallest of dense (`4n` bytes), bitmap + values
 //!   (`⌈n/8⌉ + 4a` bytes) and indices + values (`8a` bytes), where `a` counts its non-zero values.
 //!   Ties go to dense, then to bitmap + values.
-//! - Top-K lists travel as (index, value) pairs ([`encode_sparse`], [`decode_sparse`]).
+//! - Sparse lists (top-K gradients, PruneFL's importance of all pruned positions) travel as
+//!   (index, value) pairs, or as a bitmap of the listed positions + values when that is smaller
+//!   ([`encode_sparse`], [`decode_sparse`]).
 //!
 //! Byte layouts: values are little-endian `f32`; bitmaps are packed LSB-first (bit `k` of byte `j`
 //! is element `8j + k`) and have no bits set past the element count; indices are little-endian
@@ -650,9 +652,11 @@ pub fn decode_mask(em: &EncodedMask, limits: &Limits) -> Result<Mask> {
     })
 }
 
-/// Encodes a top-K list of (index, value) pairs for a tensor of shape `shape` as
-/// [`Encoding::IndexValues`]. The pairs may come in any order; indices must be unique and in
-/// range, values finite.
+/// Encodes a sparse list of (index, value) pairs (a top-K list, or a whole tensor's pruned part)
+/// for a tensor of shape `shape`, as [`Encoding::IndexValues`] (`8a` bytes) or, when smaller,
+/// [`Encoding::BitmapValues`] (`n/8 + 4a` bytes; the bitmap marks the listed positions, zero
+/// values included). The pairs may come in any order; indices must be unique and in range,
+/// values finite.
 pub fn encode_sparse(
     name: &str,
     role: Role,
@@ -667,15 +671,24 @@ pub fn encode_sparse(
     })?;
     let mut sorted = pairs.to_vec();
     sorted.sort_by_key(|&(i, _)| i);
+    let bitmap = n.div_ceil(8) < 4 * sorted.len();
     let mut out = EncodedTensor {
         name: name.to_string(),
         role,
         prunable,
         shape: shape.to_vec(),
-        encoding: Encoding::IndexValues,
+        encoding: if bitmap {
+            Encoding::BitmapValues
+        } else {
+            Encoding::IndexValues
+        },
         values: Vec::with_capacity(4 * sorted.len()),
-        bitmap: Vec::new(),
-        indices: Vec::with_capacity(4 * sorted.len()),
+        bitmap: if bitmap {
+            vec![0u8; n.div_ceil(8)]
+        } else {
+            Vec::new()
+        },
+        indices: Vec::with_capacity(if bitmap { 0 } else { 4 * sorted.len() }),
     };
     let mut previous = None;
     for &(i, v) in &sorted {
@@ -694,30 +707,44 @@ pub fn encode_sparse(
         }
         check_finite(name, i as usize, v)?;
         previous = Some(i);
-        out.indices.extend_from_slice(&i.to_le_bytes());
+        if bitmap {
+            if let Some(b) = out.bitmap.get_mut(i as usize / 8) {
+                *b |= 1 << (i % 8);
+            }
+        } else {
+            out.indices.extend_from_slice(&i.to_le_bytes());
+        }
         out.values.extend_from_slice(&v.to_le_bytes());
     }
     Ok(out)
 }
 
-/// Decodes a top-K list encoded by [`encode_sparse`] into ascending (index, value) pairs,
-/// validating it like [`decode_tensor`] (which would instead densify it).
+/// Decodes a list encoded by [`encode_sparse`] into ascending (index, value) pairs, validating it
+/// like [`decode_tensor`] (which would instead densify it).
 pub fn decode_sparse(t: &EncodedTensor, limits: &Limits) -> Result<Vec<(u32, f32)>> {
-    if t.encoding != Encoding::IndexValues {
-        return Err(CodecError::WrongEncoding {
-            tensor: t.name.clone(),
-            expected: Encoding::IndexValues,
-            actual: t.encoding,
-        });
-    }
     let n = element_count(&t.name, &t.shape, limits)?;
-    expect_empty(t, "bitmap", &t.bitmap)?;
-    let indices = read_indices(&t.name, &t.indices, n)?;
+    let indices: Vec<usize> = match t.encoding {
+        Encoding::IndexValues => {
+            expect_empty(t, "bitmap", &t.bitmap)?;
+            read_indices(&t.name, &t.indices, n)?
+        }
+        Encoding::BitmapValues => {
+            expect_empty(t, "indices", &t.indices)?;
+            bit_positions(&words_from_bitmap(&t.name, &t.bitmap, n)?).collect()
+        }
+        other => {
+            return Err(CodecError::WrongEncoding {
+                tensor: t.name.clone(),
+                expected: Encoding::IndexValues,
+                actual: other,
+            });
+        }
+    };
     expect_values(t, indices.len())?;
     let mut out = Vec::with_capacity(indices.len());
     for (i, v) in indices.into_iter().zip(f32s(&t.values)) {
         check_finite(&t.name, i, v)?;
-        // `read_indices` checked i < n, and n ≤ 2^32 whenever the indices are u32.
+        // Both readers checked i < n, and n ≤ 2^32 whenever the indices are u32.
         out.push((i as u32, v));
     }
     Ok(out)
@@ -1159,12 +1186,13 @@ mod tests {
 
         #[test]
         fn sparse_lists_round_trip(
-            pairs in prop::collection::btree_map(0u32..500, finite(), 0..50),
+            pairs in prop::collection::btree_map(0u32..500, finite(), 0..500),
         ) {
             let mut shuffled: Vec<(u32, f32)> = pairs.iter().map(|(&i, &v)| (i, v)).collect();
             shuffled.reverse();
             let t = encode_sparse("g", Role::Weight, true, &[20, 25], &shuffled).unwrap();
-            prop_assert_eq!(wire_bytes(&t), 8 * pairs.len());
+            // The smaller of 8 bytes per pair and a 63-byte bitmap + 4 bytes per pair.
+            prop_assert_eq!(wire_bytes(&t), (8 * pairs.len()).min(63 + 4 * pairs.len()));
             let back = decode_sparse(&t, &Limits::default()).unwrap();
             let expect: Vec<(u32, u32)> = pairs.iter().map(|(&i, v)| (i, v.to_bits())).collect();
             let got: Vec<(u32, u32)> = back.iter().map(|&(i, v)| (i, v.to_bits())).collect();

@@ -178,9 +178,9 @@ pub fn prunable_tensors(model: &crate::models::Model) -> (Vec<TensorShape>, Vec<
         {
             shapes.push(TensorShape {
                 name: name.to_string(),
-                shape: p.value.shape().to_vec(),
+                shape: p.shape().to_vec(),
             });
-            values.push(p.value.iter().copied().collect());
+            values.push(p.value_dense().iter().copied().collect());
         }
     });
     (shapes, values)

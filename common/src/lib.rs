@@ -48,6 +48,7 @@ pub mod param;
 pub mod pruning;
 pub mod rng;
 pub mod state;
+pub mod synflow;
 pub mod task;
 pub mod tensor;
 pub mod train;

@@ -76,7 +76,7 @@ pub fn magnitude_masks(model: &Model, density: f64) -> Result<MaskSet> {
         if let Slot::Param(p) = slot
             && p.prunable
         {
-            let score: Vec<f32> = p.value.iter().map(|v| v.abs()).collect();
+            let score: Vec<f32> = p.value_dense().iter().map(|v| v.abs()).collect();
             let keep = top_k(&score, uniform_budget(score.len(), density));
             match Mask::from_indices(score.len(), &keep) {
                 Ok(m) => {

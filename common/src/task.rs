@@ -49,6 +49,10 @@ pub struct LocalTraining {
     /// Training-time augmentation.
     #[serde(default)]
     pub augment: Option<Augment>,
+    /// At most this many optimizer steps per task over all epochs (`None`: every batch of every
+    /// epoch). Local work per round then no longer grows with a client's data size.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
 }
 
 /// Train the global model on local data and return the trained state.
@@ -62,10 +66,31 @@ pub struct TrainTask {
     pub training: LocalTraining,
     /// Seed of this client's randomness in this round (shuffling, augmentation).
     pub seed: u64,
-    /// FedTiny adjustment: report the top-K gradient of the pruned positions of these tensors
-    /// (name, K), taken on the last mini-batch of the last local epoch. Empty otherwise.
+    /// Mask adjustment: per tensor (name, K), what [`TrainTask::adjust_kind`] says. Empty
+    /// outside adjustment rounds.
     #[serde(default)]
     pub adjust: Vec<(String, usize)>,
+    /// What the client does with [`TrainTask::adjust`].
+    #[serde(default)]
+    pub adjust_kind: AdjustKind,
+}
+
+/// What an adjustment request asks of a client, per requested tensor with its K.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdjustKind {
+    /// FedTiny: report the K pruned positions of largest |gradient| on the last mini-batch of
+    /// the last local epoch (a streaming top-K over that one tensor's dense gradient).
+    #[default]
+    PrunedTopK,
+    /// PruneFL: report the squared gradient summed over every local step at every pruned
+    /// position (K is the pruned count): the dense importance PruneFL uploads.
+    SquaredGradientSum,
+    /// FedDST: halfway through local training, prune the K active weights of smallest |w| and
+    /// grow the K pruned positions of largest |gradient| on that step's mini-batch (grown
+    /// weights start at 0), then train on under the client's own mask, and return that mask
+    /// with the weights ([`TrainResult::masks`]).
+    ClientPruneGrow,
 }
 
 /// What a client returns after training.
@@ -91,6 +116,10 @@ pub struct TrainResult {
     /// pairs at pruned positions, ascending by index.
     #[serde(default)]
     pub topk: Vec<(String, Vec<(u32, f32)>)>,
+    /// The client's own masks of the tensors it adjusted ([`AdjustKind::ClientPruneGrow`]):
+    /// those tensors of `state` are masked by these instead of the task's masks.
+    #[serde(default)]
+    pub masks: Vec<(String, crate::mask::Mask)>,
 }
 
 /// The candidate masks of FedTiny's adaptive BatchNorm selection, each rebuilt by the client

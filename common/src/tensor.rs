@@ -18,12 +18,16 @@ pub enum Mode {
     /// BatchNorm re-estimation (FedTiny's adaptive BN selection): BatchNorm normalises with batch
     /// statistics and updates its running statistics, nothing else changes and nothing is cached.
     Calibrate,
+    /// Differentiating the evaluation-mode network (SynFlow scores): BatchNorm is the fixed
+    /// affine map of its running statistics, dropout is off, and layers keep what their backward
+    /// pass needs. Nothing is updated.
+    Frozen,
 }
 
 impl Mode {
     /// True when layers must keep what their backward pass needs.
     pub fn caches(self) -> bool {
-        matches!(self, Mode::Train)
+        matches!(self, Mode::Train | Mode::Frozen)
     }
 }
 

@@ -138,6 +138,32 @@ pub fn train_epoch(
     rng: &mut Rng,
     hooks: &mut dyn StepHooks,
 ) -> Result<PassStats> {
+    train_steps(model, optimizer, data, indices, opts, None, rng, hooks)
+}
+
+/// Steps of one epoch over `indices` (see [`train_epoch`]): a batch of fewer than 2 samples is
+/// skipped, so this is `⌊n / b⌋` or `⌈n / b⌉`.
+pub fn steps_per_epoch(samples: usize, batch_size: usize) -> usize {
+    if batch_size == 0 {
+        return 0;
+    }
+    let full = samples / batch_size;
+    full + usize::from(samples % batch_size >= 2)
+}
+
+/// [`train_epoch`] stopped after at most `max_steps` steps (`None`: the whole epoch). The hooks'
+/// `last` flag marks the last step actually taken.
+#[allow(clippy::too_many_arguments)]
+pub fn train_steps(
+    model: &mut Model,
+    optimizer: &mut dyn Optimizer,
+    data: &Dataset,
+    indices: &[usize],
+    opts: &BatchOptions,
+    max_steps: Option<usize>,
+    rng: &mut Rng,
+    hooks: &mut dyn StepHooks,
+) -> Result<PassStats> {
     if opts.batch_size == 0 {
         return Err(Error::InvalidConfig("batch size must be positive".into()));
     }
@@ -145,11 +171,14 @@ pub fn train_epoch(
     order.shuffle(rng);
     let mut bufs = BatchBuffers::new();
     let mut stats = PassStats::default();
-    let steps = order
-        .chunks(opts.batch_size)
-        .filter(|c| c.len() >= 2)
-        .count();
+    let mut steps = steps_per_epoch(order.len(), opts.batch_size);
+    if let Some(m) = max_steps {
+        steps = steps.min(m);
+    }
     for (step, chunk) in order.chunks(opts.batch_size).enumerate() {
+        if step >= steps {
+            break;
+        }
         if chunk.len() < 2 {
             continue;
         }

@@ -134,9 +134,14 @@ fn perturb(layer: &mut dyn Layer, target: &str, index: usize, delta: f32) {
 /// Checks input and parameter gradients of the layer `make()` builds, at `x`. Up to
 /// `samples` coordinates of each tensor are checked (all of them when smaller).
 fn check(name: &str, make: &dyn Fn() -> Box<dyn Layer>, x: &Tensor, samples: usize) {
+    check_in(name, make, x, samples, Mode::Train);
+}
+
+/// [`check`] in a given forward mode.
+fn check_in(name: &str, make: &dyn Fn() -> Box<dyn Layer>, x: &Tensor, samples: usize, mode: Mode) {
     let mut r = rng::seeded(99);
     let mut layer = make();
-    let y = layer.forward(x.clone(), Mode::Train).unwrap();
+    let y = layer.forward(x.clone(), mode).unwrap();
     let proj = random_tensor(y.shape(), &mut r);
     let dx = layer.backward(proj.clone()).unwrap();
     let eval = |x: &Tensor, perturbation: Option<(&str, usize, f32)>| {
@@ -144,7 +149,7 @@ fn check(name: &str, make: &dyn Fn() -> Box<dyn Layer>, x: &Tensor, samples: usi
         if let Some((t, i, d)) = perturbation {
             perturb(l.as_mut(), t, i, d);
         }
-        objective(&l.forward(x.clone(), Mode::Train).unwrap(), &proj)
+        objective(&l.forward(x.clone(), mode).unwrap(), &proj)
     };
     let mut tally = Tally::default();
     if !dx.is_empty() {
@@ -323,6 +328,57 @@ fn batchnorm_gradients_nhwc_and_features() {
         &random_tensor(&[5, 3], &mut r),
         60,
     );
+}
+
+/// Frozen BatchNorm (SynFlow): the running statistics are constants, the layer a per-channel
+/// affine map; its gradients against finite differences, with non-trivial running statistics.
+#[test]
+fn frozen_batchnorm_gradients() {
+    let mut r = rng::seeded(13);
+    let make = || -> Box<dyn Layer> {
+        let mut bn = BatchNorm2d::new(3);
+        bn.visit_mut("", &mut |name, slot| match slot {
+            SlotMut::Param(p) => {
+                let base = if name == "weight" { 1.5 } else { 0.3 };
+                for (i, v) in p.value.iter_mut().enumerate() {
+                    *v = base - 0.4 * i as f32;
+                }
+            }
+            SlotMut::Buffer(_, t) => {
+                let base = if name == "running_mean" { 0.2 } else { 0.5 };
+                for (i, v) in t.iter_mut().enumerate() {
+                    *v = base + 0.3 * i as f32;
+                }
+            }
+        });
+        Box::new(bn)
+    };
+    let x = random_tensor(&[2, 3, 3, 3], &mut r);
+    check_in("frozen batchnorm", &make, &x, 60, Mode::Frozen);
+    // Frozen forward equals evaluation forward (up to rounding: (x − μ)·s·γ + β against
+    // x·(γ·s) + (β − μ·γ·s)), and touches no running statistic.
+    let mut a = make();
+    let mut b = make();
+    let before = state_of(a.as_ref());
+    let ya = a.forward(x.clone(), Mode::Frozen).unwrap();
+    let yb = b.forward(x, Mode::Eval).unwrap();
+    for (p, q) in ya.iter().zip(yb.iter()) {
+        assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "{p} vs {q}");
+    }
+    assert_eq!(state_of(a.as_ref()), before);
+}
+
+/// Every value (parameters and buffers) of a layer, by name.
+fn state_of(layer: &dyn Layer) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    layer.visit("", &mut |name, slot| {
+        let t = match slot {
+            Slot::Param(p) => &p.value,
+            Slot::Buffer(_, t) => t,
+        };
+        out.push((name.to_string(), t.iter().copied().collect()));
+    });
+    out
 }
 
 #[test]

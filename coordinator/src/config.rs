@@ -62,6 +62,13 @@ pub enum StrategyKind {
     /// Iterative magnitude pruning of the global model (LotteryFL-like): every `adjust_every`
     /// rounds until `t_end`, prune to density `1 − (1 − d)·t / t_end`.
     IterativeMagnitude,
+    /// PruneFL (fixed-density variant): every `adjust_every` rounds until `t_end`, clients
+    /// upload the squared gradients of all pruned positions; the server swaps `⌊α·active⌋`
+    /// smallest weights for the most important pruned positions.
+    Prunefl,
+    /// FedDST: every `adjust_every` rounds until `t_end`, clients prune and grow their own
+    /// masks; the server averages over keeping clients and prunes the union back.
+    Feddst,
 }
 
 /// The method.
@@ -232,6 +239,9 @@ pub enum MaskRule {
     Magnitude,
     /// SNIP: |w ⊙ ∂L/∂w| on the server set, pruned from dense to the density in 5 iterations.
     Snip,
+    /// SynFlow: data-free |w ⊙ ∂R/∂w| of the linearised network on an all-ones input, pruned
+    /// from dense to the density in 5 iterations.
+    Synflow,
 }
 
 /// The mask.
@@ -292,6 +302,32 @@ impl Default for OutputSection {
     }
 }
 
+/// How the coordinator applies the memory budgets clients declare when they join (a budget of 0
+/// means none). A client's training task fits when its predicted peak
+/// ([`fedtiny_common::cost::predict_train_peak`], masked-dense storage as clients train) is within
+/// the budget. A client that cannot fit even the smallest allowed batch is left out of sampling;
+/// a sampled client whose task does not fit is not sent it. Both are recorded in the round's
+/// metrics with the reason.
+///
+/// This is coordinator policy, not part of the task a client receives, so it lives here rather
+/// than in `[training]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySection {
+    /// When set, a client whose budget cannot hold `training.batch_size` gets a smaller batch:
+    /// halved (and at last this minimum) until the predicted peak fits. Unset: the batch size is
+    /// never changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_batch_size: Option<usize>,
+}
+
+impl MemorySection {
+    /// True for the defaults (which the resolved config leaves out).
+    pub fn is_default(&self) -> bool {
+        *self == MemorySection::default()
+    }
+}
+
 /// A federated run, independent of the transport.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -318,6 +354,9 @@ pub struct FederatedConfig {
     /// Output folder.
     #[serde(default)]
     pub output: OutputSection,
+    /// How clients' declared memory budgets are applied.
+    #[serde(default, skip_serializing_if = "MemorySection::is_default")]
+    pub memory: MemorySection,
 }
 
 impl FederatedConfig {
@@ -373,6 +412,19 @@ impl FederatedConfig {
         }
         if self.training.epochs == 0 || self.training.batch_size < 2 {
             return bad("training.epochs must be >= 1 and training.batch_size >= 2".into());
+        }
+        if self.training.max_steps == Some(0) {
+            return bad(
+                "training.max_steps must be at least 1 (leave it out for whole epochs)".into(),
+            );
+        }
+        if let Some(m) = self.memory.min_batch_size
+            && !(2..=self.training.batch_size).contains(&m)
+        {
+            return bad(format!(
+                "memory.min_batch_size ({m}) must be in 2..=training.batch_size ({})",
+                self.training.batch_size
+            ));
         }
         if self.eval.batch_size == 0 || self.eval.test_limit == Some(0) {
             return bad("eval.batch_size and eval.test_limit must be positive".into());

@@ -17,6 +17,7 @@ use fedtiny_common::task::{ClientId, Task, TaskResult, TrainResult};
 use rand::seq::IndexedRandom;
 use tokio::sync::watch;
 
+use crate::budget::{BudgetGate, Proxies};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::FederatedConfig;
 use crate::error::{CoordinatorError, Result};
@@ -43,6 +44,7 @@ pub struct RoundEngine {
     history: Vec<RoundMetrics>,
     rounds_done: u64,
     held: HashMap<ClientId, u64>,
+    budget: BudgetGate,
 }
 
 impl RoundEngine {
@@ -60,7 +62,9 @@ impl RoundEngine {
         let mut global = GlobalModel::initial(&spec, rng::derive(cfg.run.seed, "init", 0))?;
         strategy.initialize(&mut global)?;
         run.write("config.toml", config_toml.as_bytes())?;
+        let budget = BudgetGate::new(&cfg, run.path().display().to_string());
         Ok(RoundEngine {
+            budget,
             cfg,
             config_toml,
             strategy: Some(strategy),
@@ -97,7 +101,9 @@ impl RoundEngine {
         })?;
         strategy.restore(&state)?;
         ckpt.global.to_model()?;
+        let budget = BudgetGate::new(&cfg, run.path().display().to_string());
         Ok(RoundEngine {
+            budget,
             cfg,
             config_toml,
             strategy: Some(strategy),
@@ -147,6 +153,9 @@ impl RoundEngine {
         mut stop: watch::Receiver<bool>,
     ) -> Result<RunSummary> {
         let mut interrupted = false;
+        if let Some(g) = &self.global {
+            self.budget.prepare(g)?;
+        }
         if self.rounds_done < self.cfg.run.rounds {
             interrupted = !self.wait_for_clients(pool.as_ref(), &mut stop).await?;
         }
@@ -231,7 +240,7 @@ impl RoundEngine {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<bool> {
         let started = Instant::now();
-        let sampled = self.sample(0, pool.available());
+        let (sampled, memory_excluded) = self.sample(0, pool.available())?;
         let ids: Vec<ClientId> = sampled.iter().map(|p| p.id().clone()).collect();
         let deadline = Duration::from_secs_f64(self.cfg.run.round_deadline_secs);
         let mut replies = None;
@@ -300,6 +309,9 @@ impl RoundEngine {
                 bytes_down,
                 bytes_up,
                 client_peak_rss_bytes: None,
+                memory_excluded,
+                memory_refused: Vec::new(),
+                batch_lowered: Vec::new(),
                 seconds: started.elapsed().as_secs_f64(),
             };
             tracing::info!(
@@ -314,17 +326,28 @@ impl RoundEngine {
         }
         Ok(true)
     }
+
+    /// The clients of a round, among the available ones whose memory budget can fit a training
+    /// task; also returns those left out for their budget, with the reason.
     fn sample(
-        &self,
+        &mut self,
         round: u64,
-        mut available: Vec<Arc<dyn ClientProxy>>,
-    ) -> Vec<Arc<dyn ClientProxy>> {
+        available: Proxies,
+    ) -> Result<(Proxies, Vec<(String, String)>)> {
+        let (mut available, excluded) = match &self.global {
+            Some(g) => self.budget.eligible(g, available)?,
+            None => (available, Vec::new()),
+        };
+        let excluded = excluded
+            .into_iter()
+            .map(|(id, why)| (id.to_string(), why))
+            .collect();
         available.sort_by(|a, b| a.id().cmp(b.id()));
         let m = self.cfg.run.clients_per_round.min(available.len());
         let mut r = rng::derived(self.cfg.run.seed, "sample", round);
         let mut chosen: Vec<Arc<dyn ClientProxy>> = available.sample(&mut r, m).cloned().collect();
         chosen.sort_by(|a, b| a.id().cmp(b.id()));
-        chosen
+        Ok((chosen, excluded))
     }
 
     /// One round; `None` when stopped during dispatch (the round is discarded, nothing lost).
@@ -335,7 +358,7 @@ impl RoundEngine {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Option<RoundMetrics>> {
         let started = Instant::now();
-        let sampled = self.sample(round, pool.available());
+        let (sampled, memory_excluded) = self.sample(round, pool.available())?;
         let ids: Vec<ClientId> = sampled.iter().map(|p| p.id().clone()).collect();
         let (version, masks) = {
             let (_, g) = self.parts()?;
@@ -349,9 +372,17 @@ impl RoundEngine {
                 _ => return Err(CoordinatorError::Join("engine state lost".into())),
             }
         };
+        // Memory budgets: lower batch sizes or withhold tasks that would not fit.
+        let (tasks, memory) = match &self.global {
+            Some(g) => self.budget.apply(round, g, tasks)?,
+            None => return Err(CoordinatorError::Join("engine state lost".into())),
+        };
         let deadline = Duration::from_secs_f64(self.cfg.run.round_deadline_secs);
         let mut calls = Vec::new();
-        for (proxy, (id, mut task)) in sampled.iter().zip(tasks) {
+        for (id, mut task) in tasks {
+            let Some(proxy) = sampled.iter().find(|p| p.id() == &id) else {
+                continue;
+            };
             if self.held.get(&id) != Some(&version)
                 && let Task::Train(t) = &mut task
             {
@@ -449,7 +480,7 @@ impl RoundEngine {
             round,
             sampled: ids.len(),
             participants: if aggregated {
-                ids.len() - failures.len()
+                ids.len() - failures.len() - memory.refused.len()
             } else {
                 0
             },
@@ -466,6 +497,17 @@ impl RoundEngine {
             bytes_down,
             bytes_up,
             client_peak_rss_bytes,
+            memory_excluded,
+            memory_refused: memory
+                .refused
+                .into_iter()
+                .map(|(id, why)| (id.to_string(), why))
+                .collect(),
+            batch_lowered: memory
+                .lowered
+                .into_iter()
+                .map(|(id, b)| (id.to_string(), b))
+                .collect(),
             seconds: started.elapsed().as_secs_f64(),
         }))
     }
@@ -529,6 +571,7 @@ impl RoundEngine {
             interrupted,
             final_model: model_path.display().to_string(),
             strategy_state,
+            process_peak_rss_bytes: fedtiny_common::cost::peak_rss_bytes(),
         };
         self.run.write_json("summary.json", &summary)?;
         Ok(summary)
@@ -559,11 +602,24 @@ fn validate(round: u64, global: &GlobalModel, result: TaskResult) -> Result<Trai
         )));
     }
     check_layout(&global.state, &r.state).map_err(|e| Failure::Invalid(e.to_string()))?;
+    // A client's own masks (FedDST) replace the global ones of the tensors it adjusted; they keep
+    // each tensor's length and active count.
+    for (name, own) in &r.masks {
+        match global.masks.get(name) {
+            Some(m) if m.len() == own.len() && m.active() == own.active() => {}
+            _ => {
+                return Err(Failure::Invalid(format!(
+                    "own mask of `{name}` does not match a global mask's length and active count"
+                )));
+            }
+        }
+    }
     for (name, e) in &r.state.entries {
         if e.values.iter().any(|v| !v.is_finite()) {
             return Err(Failure::Invalid(format!("non-finite values in `{name}`")));
         }
-        if let Some(m) = global.masks.get(name)
+        let own = r.masks.iter().find(|(n, _)| n == name).map(|(_, m)| m);
+        if let Some(m) = own.or_else(|| global.masks.get(name))
             && e.values
                 .iter()
                 .enumerate()

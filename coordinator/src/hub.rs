@@ -23,6 +23,7 @@ use fedtiny_proto::chunk::crc32;
 use fedtiny_proto::convert;
 use tokio::sync::{Notify, oneshot};
 
+use crate::budget::DeclaredBudgets;
 use crate::config::ServerSection;
 use crate::proxy::{ClientPool, ClientProxy, Failure, Reply, ReplyFuture, Traffic};
 
@@ -44,6 +45,9 @@ pub struct PendingTask {
     pub upload: Vec<u8>,
     /// Name and shape of every tensor a training result must have (the task's model state).
     layout: Vec<(String, Vec<usize>)>,
+    /// The task without its weights (what [`convert::check_answer`] needs: kind, round, mask
+    /// version, adjustment request, candidates and BatchNorm statistics).
+    answer: Task,
     reply: Option<oneshot::Sender<Result<Reply, Failure>>>,
 }
 
@@ -112,6 +116,8 @@ pub struct Hub {
     pub limits: Limits,
     /// Identifies the run to clients.
     pub run_id: String,
+    /// The memory budgets clients declared, registered under `run_id` for the round engine.
+    budgets: Arc<DeclaredBudgets>,
     run_over: AtomicBool,
     counter: AtomicU64,
     started: Instant,
@@ -124,6 +130,7 @@ impl Hub {
             slots: Mutex::new(BTreeMap::new()),
             server,
             limits: Limits::default(),
+            budgets: crate::budget::register(&run_id),
             run_id,
             run_over: AtomicBool::new(false),
             counter: AtomicU64::new(1),
@@ -143,6 +150,11 @@ impl Hub {
             "{prefix}-{n:x}-{:x}",
             fedtiny_common::rng::derive(t, prefix, n) & 0xffff_ffff
         )
+    }
+
+    /// The memory budgets clients declared.
+    pub fn budgets(&self) -> &Arc<DeclaredBudgets> {
+        &self.budgets
     }
 
     /// Whether the run is over.
@@ -165,9 +177,11 @@ impl Hub {
     }
 
     /// Registers (or re-registers) a client and returns its new session id. A previous session's
-    /// pending task fails as disconnected.
+    /// pending task fails as disconnected. The client's memory budget (0 = none) replaces the
+    /// one it declared before; the round engine applies it.
     pub fn join(&self, id: &ClientId, num_train_samples: u64, memory_budget_bytes: u64) -> String {
         let session_id = self.fresh_id("s");
+        self.budgets.declare(id, memory_budget_bytes);
         let mut slots = self.lock();
         if let Some(mut old) = slots.remove(id) {
             if let Some(p) = old.pending.as_mut() {
@@ -187,7 +201,7 @@ impl Hub {
                 notify: Arc::new(Notify::new()),
             },
         );
-        tracing::info!(client = %id, "joined");
+        tracing::info!(client = %id, memory_budget_bytes, "joined");
         session_id
     }
 
@@ -295,7 +309,12 @@ impl Hub {
         }
         let decoded = convert::decode_result(&upload, &p.masks, p.round, &limits)
             .map_err(|e| e.to_string())
-            .and_then(|result| check_result(p, &result).map(|()| result));
+            .and_then(|result| check_result(p, &result).map(|()| result))
+            .and_then(|result| {
+                convert::check_answer(&p.answer, &result, &p.masks)
+                    .map_err(|e| e.to_string())
+                    .map(|()| result)
+            });
         match decoded {
             Ok(result) => {
                 if let TaskResult::Train(r) = &result {
@@ -351,6 +370,25 @@ fn model_mut(task: &mut Task) -> Option<&mut fedtiny_common::task::ModelPayload>
         Task::Evaluate(t) => Some(&mut t.model),
         _ => None,
     }
+}
+
+/// A task stripped of everything but the BatchNorm statistics of its model (and of its masks).
+fn skeleton(mut task: Task) -> Task {
+    use fedtiny_common::param::Role;
+    let model = match &mut task {
+        Task::Train(t) => &mut t.model,
+        Task::Evaluate(t) => &mut t.model,
+        Task::Calibrate(t) => &mut t.model,
+        Task::EvaluateCandidates(t) => &mut t.model,
+    };
+    {
+        model.masks = None;
+        model
+            .state
+            .entries
+            .retain(|_, e| matches!(e.role, Role::RunningMean | Role::RunningVar));
+    }
+    task
 }
 
 fn layout_of(state: &StateDict) -> Vec<(String, Vec<usize>)> {
@@ -444,16 +482,19 @@ impl ClientProxy for GrpcProxy {
             };
             let payload = convert::encode_task(&task, Some(&masks))
                 .map_err(|e| Failure::Invalid(format!("encoding the task: {e}")))?;
+            let (round, kind) = (task.round(), convert::task_kind(&task));
+            let answer = skeleton(task);
             let (tx, rx) = oneshot::channel();
             let pending = PendingTask {
                 task_id: hub.fresh_id("t"),
-                round: task.round(),
-                kind: convert::task_kind(&task),
+                round,
+                kind,
                 crc32: crc32(&payload),
                 payload: Arc::new(payload),
                 masks,
                 upload: Vec::new(),
                 layout,
+                answer,
                 reply: Some(tx),
             };
             hub.put_task(&id, pending)?;

@@ -12,6 +12,8 @@
 //!   reachable clients ([`proxy::ClientPool`]); failures are values ([`proxy::Failure`]).
 //! - [`engine`]: [`engine::RoundEngine`], the one place rounds are driven: sampling, deadlines,
 //!   validation, aggregation, evaluation, metrics, checkpoints.
+//! - [`budget`]: clients' memory budgets: predicted task peaks, lowered batch sizes, clients
+//!   left out of sampling or not sent a task that would not fit.
 //! - [`stage0`]: the server's labelled set, dense pre-training, SNIP masks.
 //! - [`evaluate`]: server-side evaluation on a held-out test set.
 //! - [`checkpoint`]: atomic, verified checkpoints and model files (bincode 2, this module only).
@@ -22,6 +24,7 @@
 //! - [`server`]: serving a run: TLS, listener, round engine, graceful shutdown.
 //! - [`error`]: the crate's error type.
 
+pub mod budget;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;

@@ -32,6 +32,18 @@ pub struct RoundMetrics {
     pub bytes_up: u64,
     /// Largest peak RSS reported by a participant, in bytes.
     pub client_peak_rss_bytes: Option<u64>,
+    /// Clients left out of sampling because their declared memory budget is below the smallest
+    /// training task's predicted peak, with the reason.
+    #[serde(default)]
+    pub memory_excluded: Vec<(String, String)>,
+    /// Sampled clients not sent their task because it would not fit their declared memory
+    /// budget, with the reason (not counted as participants).
+    #[serde(default)]
+    pub memory_refused: Vec<(String, String)>,
+    /// Sampled clients whose batch size was lowered to fit their memory budget, with the batch
+    /// size they were sent.
+    #[serde(default)]
+    pub batch_lowered: Vec<(String, usize)>,
     /// Wall-clock seconds of the round.
     pub seconds: f64,
 }
@@ -71,4 +83,8 @@ pub struct RunSummary {
     pub final_model: String,
     /// The strategy's own record (FedTiny: the selected candidate and the candidates' losses).
     pub strategy_state: serde_json::Value,
+    /// Peak resident memory of the process that drove the run (the coordinator; in a simulation,
+    /// the whole simulation), in bytes, where the OS reports it.
+    #[serde(default)]
+    pub process_peak_rss_bytes: Option<u64>,
 }

@@ -105,7 +105,7 @@ pub fn snip_masks(
                     let acc = grad_sum
                         .entry(name.to_string())
                         .or_insert_with(|| vec![0.0; p.len()]);
-                    for (a, g) in acc.iter_mut().zip(p.grad.iter()) {
+                    for (a, g) in acc.iter_mut().zip(p.grad_dense().iter()) {
                         *a += f64::from(*g);
                     }
                 }
@@ -119,7 +119,7 @@ pub fn snip_masks(
                 && let Some(g) = grad_sum.get(name)
             {
                 let score: Vec<f32> = p
-                    .value
+                    .value_dense()
                     .iter()
                     .zip(g)
                     .map(|(w, g)| (f64::from(*w) * g).abs() as f32)

@@ -45,15 +45,15 @@ use fedtiny_common::codec::{
 };
 use fedtiny_common::data::Augment;
 use fedtiny_common::fedtiny::Allocation;
-use fedtiny_common::mask::MaskSet;
+use fedtiny_common::mask::{Mask, MaskSet};
 use fedtiny_common::models::{Arch, ModelSpec};
 use fedtiny_common::optim::OptimizerConfig;
 use fedtiny_common::param::Role;
 use fedtiny_common::state::{StateDict, StateEntry};
 use fedtiny_common::task::{
-    CalibrateResult, CalibrateTask, CandidateEvalResult, CandidateEvalTask, CandidateSet,
-    EvaluateResult, EvaluateTask, LocalTraining, ModelPayload, Task, TaskResult, TrainResult,
-    TrainTask, Validation,
+    AdjustKind, CalibrateResult, CalibrateTask, CandidateEvalResult, CandidateEvalTask,
+    CandidateSet, EvaluateResult, EvaluateTask, LocalTraining, ModelPayload, Task, TaskResult,
+    TrainResult, TrainTask, Validation,
 };
 use prost::Message;
 
@@ -263,6 +263,7 @@ pub fn task_to_pb(task: &Task, held_masks: Option<&MaskSet>) -> Result<pb::TaskP
             training: Some(training_to_pb(&t.training)),
             seed: t.seed,
             adjust: adjust_to_pb(&t.adjust),
+            adjust_kind: adjust_kind_to_pb(t.adjust_kind) as i32,
         }),
         Task::Evaluate(t) => pb::task_payload::Task::Evaluate(pb::EvaluateTask {
             round: t.round,
@@ -312,12 +313,14 @@ pub fn task_from_pb(
                 field: "TrainTask.training",
             })?)?;
             let adjust = adjust_from_pb(t.adjust, &model.state)?;
+            let adjust_kind = adjust_kind_from_pb(t.adjust_kind)?;
             Ok(Task::Train(TrainTask {
                 round: t.round,
                 model,
                 training,
                 seed: t.seed,
                 adjust,
+                adjust_kind,
             }))
         }
         pb::task_payload::Task::Evaluate(t) => Ok(Task::Evaluate(EvaluateTask {
@@ -425,11 +428,12 @@ pub fn result_to_pb(result: &TaskResult, masks: &MaskSet) -> Result<pb::ResultPa
                     actual: masks.version,
                 });
             }
+            let own = own_masks(masks, &r.masks)?;
             pb::result_payload::Result::Train(pb::TrainResult {
                 round: r.round,
                 mask_version: r.mask_version,
                 num_samples: r.num_samples as u64,
-                state: codec::encode_state(&r.state, Some(masks))?
+                state: codec::encode_state(&r.state, Some(own.as_ref().unwrap_or(masks)))?
                     .into_iter()
                     .map(tensor_to_pb)
                     .collect(),
@@ -438,6 +442,12 @@ pub fn result_to_pb(result: &TaskResult, masks: &MaskSet) -> Result<pb::ResultPa
                 seconds: r.seconds,
                 peak_rss_bytes: r.peak_rss_bytes,
                 topk: topk_to_pb(&r.topk, &r.state)?,
+                masks: (!r.masks.is_empty()).then(|| {
+                    masks_to_pb(codec::encode_masks(&MaskSet {
+                        masks: r.masks.iter().cloned().collect(),
+                        version: r.mask_version,
+                    }))
+                }),
             })
         }
         TaskResult::Evaluate(r) => pb::result_payload::Result::Evaluate(evaluate_to_pb(r)),
@@ -475,8 +485,13 @@ pub fn result_from_pb(
                     actual: r.mask_version,
                 });
             }
+            let client_masks: Vec<(String, Mask)> = match r.masks {
+                Some(m) => masks_from_pb(m, limits)?.masks.into_iter().collect(),
+                None => Vec::new(),
+            };
+            let own = own_masks(masks, &client_masks)?;
             let tensors = tensors_from_pb(r.state, limits)?;
-            let state = codec::decode_state(&tensors, Some(masks), limits)?;
+            let state = codec::decode_state(&tensors, Some(own.as_ref().unwrap_or(masks)), limits)?;
             let topk = topk_from_pb(r.topk, &state, limits)?;
             Ok(TaskResult::Train(TrainResult {
                 round: r.round,
@@ -488,6 +503,7 @@ pub fn result_from_pb(
                 seconds: non_negative("TrainResult.seconds", r.seconds)?,
                 peak_rss_bytes: r.peak_rss_bytes,
                 topk,
+                masks: client_masks,
             }))
         }
         pb::result_payload::Result::Evaluate(r) => {
@@ -564,7 +580,12 @@ pub fn evaluate_from_pb(r: pb::EvaluateResult, round: u64) -> Result<EvaluateRes
 /// each at most K long; for a calibration result, one state of BatchNorm statistics per candidate,
 /// each exactly the running statistics of the task's model (names, roles, shapes); for a
 /// candidate evaluation result, one entry per candidate.
-pub fn check_answer(task: &Task, result: &TaskResult) -> Result<()> {
+///
+/// `held` are the masks the task's model is masked with (the receiver's). Against them: a top-K
+/// or squared-gradient list may only name pruned positions; a client's own mask (prune-and-grow)
+/// may differ from the held one in at most K grown positions, and only a prune-and-grow request
+/// may be answered with masks.
+pub fn check_answer(task: &Task, result: &TaskResult, held: &MaskSet) -> Result<()> {
     const TOPK: &str = "TrainResult.topk";
     let result_round = match result {
         TaskResult::Train(r) => r.round,
@@ -584,6 +605,15 @@ pub fn check_answer(task: &Task, result: &TaskResult) -> Result<()> {
             }
             let requested: BTreeMap<&str, usize> =
                 t.adjust.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+            if t.adjust_kind == AdjustKind::ClientPruneGrow {
+                return check_own_masks(&requested, r, held);
+            }
+            if let Some((name, _)) = r.masks.first() {
+                return Err(WireError::UnknownTensor {
+                    field: "TrainResult.masks",
+                    tensor: name.clone(),
+                });
+            }
             let mut answered = BTreeSet::new();
             for (name, pairs) in &r.topk {
                 let &k = requested
@@ -602,6 +632,14 @@ pub fn check_answer(task: &Task, result: &TaskResult) -> Result<()> {
                     return Err(WireError::OutOfRange {
                         field: TOPK,
                         detail: format!("{} pairs for `{name}`, {k} requested", pairs.len()),
+                    });
+                }
+                if let Some(mask) = held.masks.get(name)
+                    && let Some(&(i, _)) = pairs.iter().find(|(i, _)| mask.get(*i as usize))
+                {
+                    return Err(WireError::OutOfRange {
+                        field: TOPK,
+                        detail: format!("position {i} of `{name}` is active, not pruned"),
                     });
                 }
             }
@@ -637,6 +675,52 @@ pub fn check_answer(task: &Task, result: &TaskResult) -> Result<()> {
     }
 }
 
+/// A prune-and-grow answer: no lists; own masks only for requested tensors, each growing at
+/// most K positions the held mask prunes (the active count was checked when decoding).
+fn check_own_masks(
+    requested: &BTreeMap<&str, usize>,
+    r: &TrainResult,
+    held: &MaskSet,
+) -> Result<()> {
+    const FIELD: &str = "TrainResult.masks";
+    if let Some((name, _)) = r.topk.first() {
+        return Err(WireError::UnknownTensor {
+            field: "TrainResult.topk",
+            tensor: name.clone(),
+        });
+    }
+    for (name, own) in &r.masks {
+        let k = *requested
+            .get(name.as_str())
+            .ok_or_else(|| WireError::UnknownTensor {
+                field: FIELD,
+                tensor: name.clone(),
+            })?;
+        let mask = held
+            .masks
+            .get(name)
+            .ok_or_else(|| WireError::UnknownTensor {
+                field: FIELD,
+                tensor: name.clone(),
+            })?;
+        let grown = own.iter_active().filter(|&i| !mask.get(i)).count();
+        if grown > k || own.len() != mask.len() || own.active() != mask.active() {
+            return Err(WireError::OutOfRange {
+                field: FIELD,
+                detail: format!(
+                    "mask of `{name}` grows {grown} positions ({k} allowed), {} of {} active \
+                     (task: {} of {})",
+                    own.active(),
+                    own.len(),
+                    mask.active(),
+                    mask.len()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn task_name(task: &Task) -> &'static str {
     match task {
         Task::Train(_) => "train",
@@ -658,6 +742,69 @@ fn result_name(result: &TaskResult) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // FedTiny: top-K requests and lists, candidates, validation subsets, BatchNorm statistics
 // ---------------------------------------------------------------------------------------------
+
+/// The masks a train result's state is in: the task's, with the client's own masks (FedDST)
+/// in place of those of the tensors it adjusted. `None` when the client sent none. Each own mask
+/// must replace a mask of the task, with the same length and the same active count.
+fn own_masks(task: &MaskSet, own: &[(String, Mask)]) -> Result<Option<MaskSet>> {
+    const FIELD: &str = "TrainResult.masks";
+    if own.is_empty() {
+        return Ok(None);
+    }
+    let mut out = task.clone();
+    let mut seen = BTreeSet::new();
+    for (name, m) in own {
+        if !seen.insert(name.as_str()) {
+            return Err(WireError::DuplicateName {
+                field: FIELD,
+                name: name.clone(),
+            });
+        }
+        let held = task
+            .masks
+            .get(name)
+            .ok_or_else(|| WireError::UnknownTensor {
+                field: FIELD,
+                tensor: name.clone(),
+            })?;
+        if m.len() != held.len() || m.active() != held.active() {
+            return Err(WireError::OutOfRange {
+                field: FIELD,
+                detail: format!(
+                    "mask of `{name}`: {} of {} active, the task's has {} of {}",
+                    m.active(),
+                    m.len(),
+                    held.active(),
+                    held.len()
+                ),
+            });
+        }
+        out.masks.insert(name.clone(), m.clone());
+    }
+    Ok(Some(out))
+}
+
+/// An adjustment kind as its message enum.
+pub fn adjust_kind_to_pb(k: AdjustKind) -> pb::AdjustKind {
+    match k {
+        AdjustKind::PrunedTopK => pb::AdjustKind::PrunedTopK,
+        AdjustKind::SquaredGradientSum => pb::AdjustKind::SquaredGradientSum,
+        AdjustKind::ClientPruneGrow => pb::AdjustKind::ClientPruneGrow,
+    }
+}
+
+/// An adjustment kind from its message enum value.
+pub fn adjust_kind_from_pb(v: i32) -> Result<AdjustKind> {
+    match pb::AdjustKind::try_from(v) {
+        Ok(pb::AdjustKind::PrunedTopK) => Ok(AdjustKind::PrunedTopK),
+        Ok(pb::AdjustKind::SquaredGradientSum) => Ok(AdjustKind::SquaredGradientSum),
+        Ok(pb::AdjustKind::ClientPruneGrow) => Ok(AdjustKind::ClientPruneGrow),
+        Err(_) => Err(WireError::UnknownEnum {
+            field: "TrainTask.adjust_kind",
+            value: v,
+        }),
+    }
+}
 
 /// Top-K requests (tensor name, K) as their messages.
 pub fn adjust_to_pb(adjust: &[(String, usize)]) -> Vec<pb::AdjustTensor> {
@@ -1343,6 +1490,7 @@ pub fn training_to_pb(t: &LocalTraining) -> pb::LocalTraining {
         batch_size: t.batch_size as u64,
         optimizer: Some(optimizer_to_pb(&t.optimizer)),
         augment: t.augment.as_ref().map(augment_to_pb),
+        max_steps: t.max_steps.map(|m| m as u64),
     }
 }
 
@@ -1356,6 +1504,10 @@ pub fn training_from_pb(t: &pb::LocalTraining) -> Result<LocalTraining> {
             field: "LocalTraining.optimizer",
         })?)?,
         augment: t.augment.as_ref().map(augment_from_pb).transpose()?,
+        max_steps: t
+            .max_steps
+            .map(|m| positive("LocalTraining.max_steps", m))
+            .transpose()?,
     })
 }
 
@@ -1506,6 +1658,7 @@ mod tests {
             batch_size: 32,
             optimizer: OptimizerConfig::default(),
             augment: Some(Augment::cifar10()),
+            max_steps: Some(7),
         };
         assert_eq!(training_from_pb(&training_to_pb(&t)).unwrap(), t);
         let mut p = training_to_pb(&t);

@@ -8,7 +8,7 @@ mod support;
 
 use fedtiny_common::codec::{CodecError, Limits};
 use fedtiny_common::fedtiny::Allocation;
-use fedtiny_common::mask::MaskSet;
+use fedtiny_common::mask::{Mask, MaskSet};
 use fedtiny_common::models::Model;
 use fedtiny_common::param::Role;
 use fedtiny_common::task::{Task, TaskResult};
@@ -106,24 +106,39 @@ fn new_results_round_trip_and_answer_their_tasks() {
     let bytes = encode_result(&result, &masks).unwrap();
     let back = decode_result(&bytes, &masks, 7, &limits()).unwrap();
     assert_eq!(back, result);
-    check_answer(&adjust_task(&model, &masks, false), &back).unwrap();
+    check_answer(&adjust_task(&model, &masks, false), &back, &masks).unwrap();
     for n in [1, 4, MAX_CANDIDATES] {
         let result = calibrate_result(&w0, n);
         let bytes = encode_result(&result, &empty).unwrap();
         let back = decode_result(&bytes, &empty, 0, &limits()).unwrap();
         assert_eq!(back, result);
-        check_answer(&calibrate_task(&w0, n, Allocation::Noise, false), &back).unwrap();
+        check_answer(
+            &calibrate_task(&w0, n, Allocation::Noise, false),
+            &back,
+            &masks,
+        )
+        .unwrap();
 
         let result = eval_candidates_result(n);
         let bytes = encode_result(&result, &empty).unwrap();
         let back = decode_result(&bytes, &empty, 0, &limits()).unwrap();
         assert_eq!(back, result);
-        check_answer(&eval_candidates_task(&w0, n, Allocation::Erk, false), &back).unwrap();
+        check_answer(
+            &eval_candidates_task(&w0, n, Allocation::Erk, false),
+            &back,
+            &masks,
+        )
+        .unwrap();
     }
     // A train result without top-K lists answers a train task without requests.
     let plain = train_result(&model, &masks);
-    check_answer(&train_task(&model, &masks, false), &plain).unwrap();
-    check_answer(&evaluate_task(&model, &masks, false), &evaluate_result()).unwrap();
+    check_answer(&train_task(&model, &masks, false), &plain, &masks).unwrap();
+    check_answer(
+        &evaluate_task(&model, &masks, false),
+        &evaluate_result(),
+        &masks,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -146,7 +161,7 @@ fn new_kinds_are_announced() {
 }
 
 #[test]
-fn top_k_lists_travel_as_index_values_with_the_tensor_shape() {
+fn top_k_lists_travel_as_the_smaller_of_index_and_bitmap_values_with_the_tensor_shape() {
     let (model, masks) = setup(0.2);
     let result = adjust_result(&model, &masks);
     let TaskResult::Train(r) = &result else {
@@ -160,14 +175,22 @@ fn top_k_lists_travel_as_index_values_with_the_tensor_shape() {
     for (tensor, (name, pairs)) in t.topk.iter().zip(&r.topk) {
         let e = r.state.get(name).unwrap();
         assert_eq!(&tensor.name, name);
-        assert_eq!(tensor.encoding, pb::Encoding::IndexValues as i32);
         assert_eq!(
             tensor.shape,
             e.shape.iter().map(|&d| d as u64).collect::<Vec<_>>()
         );
         assert!(tensor.prunable);
-        assert_eq!(tensor.indices.len(), 4 * pairs.len());
         assert_eq!(tensor.values.len(), 4 * pairs.len());
+        let bitmap_bytes = e.values.len().div_ceil(8);
+        if bitmap_bytes < 4 * pairs.len() {
+            assert_eq!(tensor.encoding, pb::Encoding::BitmapValues as i32);
+            assert_eq!(tensor.bitmap.len(), bitmap_bytes);
+            assert!(tensor.indices.is_empty());
+        } else {
+            assert_eq!(tensor.encoding, pb::Encoding::IndexValues as i32);
+            assert_eq!(tensor.indices.len(), 4 * pairs.len());
+            assert!(tensor.bitmap.is_empty());
+        }
     }
     // Unsorted lists are sorted by the encoder.
     let mut shuffled = result.clone();
@@ -593,13 +616,24 @@ fn corrupt_result(
     decode_result(&p.encode_to_vec(), masks, round, &limits())
 }
 
-/// Corrupts the top-K tensors of an adjustment result.
+/// Corrupts the top-K tensors of an adjustment result (each re-encoded as index + values, the
+/// encoding the corruptions edit).
 fn corrupt_topk(f: impl FnOnce(&mut Vec<pb::Tensor>)) -> Result<TaskResult, WireError> {
     let (model, masks) = setup(0.2);
     corrupt_result(&adjust_result(&model, &masks), &masks, 7, |r| {
         let pb::result_payload::Result::Train(t) = r else {
             panic!("not a train result")
         };
+        for tensor in &mut t.topk {
+            if tensor.encoding == pb::Encoding::BitmapValues as i32 {
+                let idx: Vec<u32> = (0..8 * tensor.bitmap.len() as u32)
+                    .filter(|&i| tensor.bitmap[i as usize / 8] & (1 << (i % 8)) != 0)
+                    .collect();
+                tensor.indices = le(&idx);
+                tensor.bitmap.clear();
+                tensor.encoding = pb::Encoding::IndexValues as i32;
+            }
+        }
         f(&mut t.topk)
     })
 }
@@ -650,11 +684,14 @@ fn top_k_entries_are_in_range_strictly_ascending_and_finite() {
         e,
         Err(WireError::Codec(CodecError::ValueCount { .. }))
     ));
-    let e = corrupt_topk(|t| t[0].encoding = pb::Encoding::BitmapValues as i32);
+    let e = corrupt_topk(|t| t[0].encoding = pb::Encoding::Dense as i32);
     assert!(matches!(
         e,
         Err(WireError::Codec(CodecError::WrongEncoding { .. }))
     ));
+    // A bitmap list with stray index bytes.
+    let e = corrupt_topk(|t| t[0].encoding = pb::Encoding::BitmapValues as i32);
+    assert!(e.is_err(), "{e:?}");
     let e = corrupt_topk(|t| t[0].bitmap = vec![1]);
     assert!(matches!(
         e,
@@ -892,7 +929,11 @@ fn bad_candidate_evaluations_are_typed_errors() {
 fn check_answer_matches_kind_round_and_counts() {
     let (model, masks) = setup(0.2);
     let w0 = dense();
-    let e = check_answer(&train_task(&model, &masks, false), &evaluate_result());
+    let e = check_answer(
+        &train_task(&model, &masks, false),
+        &evaluate_result(),
+        &masks,
+    );
     assert!(matches!(
         e,
         Err(WireError::KindMismatch {
@@ -903,6 +944,7 @@ fn check_answer_matches_kind_round_and_counts() {
     let e = check_answer(
         &calibrate_task(&w0, 3, Allocation::Noise, false),
         &eval_candidates_result(3),
+        &masks,
     );
     assert!(matches!(
         e,
@@ -914,6 +956,7 @@ fn check_answer_matches_kind_round_and_counts() {
     let e = check_answer(
         &evaluate_task(&model, &masks, false),
         &eval_candidates_result(1),
+        &masks,
     );
     assert!(matches!(e, Err(WireError::KindMismatch { .. })));
     // Round.
@@ -922,7 +965,7 @@ fn check_answer_matches_kind_round_and_counts() {
         t.round = 1;
     }
     assert!(matches!(
-        check_answer(&late, &calibrate_result(&w0, 3)),
+        check_answer(&late, &calibrate_result(&w0, 3), &masks),
         Err(WireError::RoundMismatch {
             expected: 1,
             actual: 0
@@ -932,7 +975,8 @@ fn check_answer_matches_kind_round_and_counts() {
     assert!(matches!(
         check_answer(
             &calibrate_task(&w0, 3, Allocation::Noise, false),
-            &calibrate_result(&w0, 2)
+            &calibrate_result(&w0, 2),
+            &masks
         ),
         Err(WireError::CountMismatch {
             field: "CalibrateResult.bn",
@@ -943,7 +987,8 @@ fn check_answer_matches_kind_round_and_counts() {
     assert!(matches!(
         check_answer(
             &eval_candidates_task(&w0, 3, Allocation::Noise, false),
-            &eval_candidates_result(4)
+            &eval_candidates_result(4),
+            &masks
         ),
         Err(WireError::CountMismatch {
             field: "CandidateEvalResult.stats",
@@ -967,7 +1012,7 @@ fn check_answer_holds_calibration_statistics_against_the_model() {
         s.entries.remove(&name);
     }
     assert!(matches!(
-        check_answer(&task, &result),
+        check_answer(&task, &result, &MaskSet::default()),
         Err(WireError::MissingTensor { field: "CalibrateResult.bn", ref tensor }) if *tensor == name
     ));
 }
@@ -982,7 +1027,7 @@ fn check_answer_matches_top_k_lists_to_requests() {
         if let TaskResult::Train(t) = &mut r {
             f(t)
         }
-        check_answer(&task, &r)
+        check_answer(&task, &r, &masks)
     };
     assert!(matches!(
         with(&|r| {
@@ -1020,7 +1065,157 @@ fn check_answer_matches_top_k_lists_to_requests() {
     ));
     // Lists without a request.
     assert!(matches!(
-        check_answer(&train_task(&model, &masks, false), &good),
+        check_answer(&train_task(&model, &masks, false), &good, &masks),
         Err(WireError::UnknownTensor { .. })
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// PruneFL and FedDST answers
+// ---------------------------------------------------------------------------------------------
+
+/// A top-K list may only name pruned positions of the task's masks.
+#[test]
+fn check_answer_refuses_lists_at_active_positions() {
+    let (model, masks) = setup(0.2);
+    let task = adjust_task(&model, &masks, false);
+    let mut result = adjust_result(&model, &masks);
+    let TaskResult::Train(r) = &mut result else {
+        unreachable!()
+    };
+    let (name, pairs) = &mut r.topk[0];
+    let active = masks.get(name).unwrap().iter_active().next().unwrap() as u32;
+    pairs[0] = (active, 0.5);
+    pairs.sort_by_key(|p| p.0);
+    pairs.dedup_by_key(|p| p.0);
+    assert!(matches!(
+        check_answer(&task, &result, &masks),
+        Err(WireError::OutOfRange { field: "TrainResult.topk", ref detail }) if detail.contains("active")
+    ));
+}
+
+/// A FedDST answer: the client's own mask (K positions swapped) travels with the state in its
+/// mask order, round-trips exactly, and answers its task; masks that change the active count,
+/// grow more than K positions, or answer another kind of request are refused.
+#[test]
+fn client_masks_travel_with_the_state_and_are_checked() {
+    use fedtiny_common::task::AdjustKind;
+    let (model, masks) = setup(0.2);
+    let Task::Train(mut t) = adjust_task(&model, &masks, false) else {
+        unreachable!()
+    };
+    t.adjust_kind = AdjustKind::ClientPruneGrow;
+    let name = t.adjust[0].0.clone();
+    let held = masks.get(&name).unwrap().clone();
+    // FedDST's K is a fraction of the active weights.
+    let k = (held.active() / 2).max(1);
+    t.adjust[0].1 = k;
+    let task = Task::Train(t.clone());
+    // Swap the first k active positions for the first k pruned ones.
+    let swap = |count: usize| {
+        let mut own = held.clone();
+        let active: Vec<usize> = held.iter_active().take(count).collect();
+        let pruned: Vec<usize> = (0..held.len())
+            .filter(|&i| !held.get(i))
+            .take(count)
+            .collect();
+        for (&a, &p) in active.iter().zip(&pruned) {
+            own.set(a, false);
+            own.set(p, true);
+        }
+        own
+    };
+    let own = swap(k);
+    let TaskResult::Train(mut r) = train_result(&model, &masks) else {
+        unreachable!()
+    };
+    // The state is masked by the own mask: zero where it prunes, values where it grew.
+    let e = r.state.entries.get_mut(&name).unwrap();
+    for (i, v) in e.values.iter_mut().enumerate() {
+        *v = if own.get(i) {
+            0.25 + i as f32 * 1e-3
+        } else {
+            0.0
+        };
+    }
+    r.masks = vec![(name.clone(), own.clone())];
+    let result = TaskResult::Train(r.clone());
+    let bytes = encode_result(&result, &masks).unwrap();
+    let back = decode_result(&bytes, &masks, 7, &limits()).unwrap();
+    assert_eq!(back, result);
+    check_answer(&task, &back, &masks).unwrap();
+
+    // More than K grown positions.
+    let mut greedy = r.clone();
+    greedy.masks = vec![(name.clone(), swap(k + 1))];
+    assert!(matches!(
+        check_answer(&task, &TaskResult::Train(greedy), &masks),
+        Err(WireError::OutOfRange {
+            field: "TrainResult.masks",
+            ..
+        })
+    ));
+    // A different active count does not even decode.
+    let mut fewer = held.clone();
+    fewer.set(held.iter_active().next().unwrap(), false);
+    let mut short = r.clone();
+    short.masks = vec![(name.clone(), fewer.clone())];
+    let e = short.state.entries.get_mut(&name).unwrap();
+    for (i, v) in e.values.iter_mut().enumerate() {
+        if !fewer.get(i) {
+            *v = 0.0;
+        }
+    }
+    let p = result_to_pb(&TaskResult::Train(short.clone()), &masks);
+    assert!(matches!(
+        p,
+        Err(WireError::OutOfRange {
+            field: "TrainResult.masks",
+            ..
+        })
+    ));
+    // Masks answering a FedTiny (pruned top-K) request.
+    let Task::Train(mut fedtiny) = task.clone() else {
+        unreachable!()
+    };
+    fedtiny.adjust_kind = AdjustKind::PrunedTopK;
+    assert!(matches!(
+        check_answer(&Task::Train(fedtiny), &back, &masks),
+        Err(WireError::UnknownTensor {
+            field: "TrainResult.masks",
+            ..
+        })
+    ));
+    // A mask for a tensor that has no mask in the task.
+    let mut stray = r;
+    stray.masks = vec![("bn1.weight".into(), Mask::from_indices(4, &[0]).unwrap())];
+    assert!(result_to_pb(&TaskResult::Train(stray), &masks).is_err());
+}
+
+/// The adjustment kind travels with the task; an unknown value is a typed error.
+#[test]
+fn the_adjust_kind_travels_and_unknown_kinds_are_refused() {
+    use fedtiny_common::task::AdjustKind;
+    let (model, masks) = setup(0.2);
+    for kind in [
+        AdjustKind::PrunedTopK,
+        AdjustKind::SquaredGradientSum,
+        AdjustKind::ClientPruneGrow,
+    ] {
+        let Task::Train(mut t) = adjust_task(&model, &masks, false) else {
+            unreachable!()
+        };
+        t.adjust_kind = kind;
+        let task = Task::Train(t);
+        let bytes = encode_task(&task, Some(&masks)).unwrap();
+        assert_eq!(decode_task(&bytes, Some(&masks), &limits()).unwrap(), task);
+    }
+    let e = corrupt_adjust(|t| t.adjust_kind = 9);
+    assert!(matches!(
+        e,
+        Err(WireError::UnknownEnum {
+            field: "TrainTask.adjust_kind",
+            value: 9
+        })
     ));
 }

@@ -137,6 +137,8 @@ fn measure(spec: &ModelSpec, densities: &[f64], opts: &BenchOptions) -> Result<V
     let mut cases = Vec::with_capacity(densities.len());
     for (i, &density) in densities.iter().enumerate() {
         let mut model = Model::new(spec, opts.seed)?;
+        // As the edge client trains: masked weights held lean (active values only).
+        model.set_lean_storage(true)?;
         let masks = random_masks(
             &model,
             density,

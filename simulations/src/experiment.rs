@@ -11,7 +11,7 @@ use fedtiny_common::data::Dataset;
 use fedtiny_coordinator::checkpoint;
 use fedtiny_coordinator::config::{Granularity, MaskRule, StrategyKind};
 use fedtiny_coordinator::engine::FINAL_MODEL_FILE;
-use fedtiny_coordinator::metrics::RoundMetrics;
+use fedtiny_coordinator::metrics::{RoundMetrics, RunSummary};
 use fedtiny_coordinator::run_dir::RunDir;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -45,11 +45,28 @@ pub enum Method {
     Magnitude,
     /// Fixed SNIP mask on the server set.
     Snip,
+    /// Fixed SynFlow mask (data-free).
+    Synflow,
     /// Iterative magnitude pruning of the global model.
     IterativeMagnitude,
+    /// PruneFL, fixed-density variant (from the magnitude mask).
+    Prunefl,
+    /// FedDST (from a random mask).
+    Feddst,
 }
 
 impl Method {
+    /// True for the FedTiny ablations.
+    pub fn is_ablation(self) -> bool {
+        matches!(
+            self,
+            Method::FedtinyNoAbns
+                | Method::FedtinyOneCandidate
+                | Method::FedtinyEntire
+                | Method::FedtinyLayer
+        )
+    }
+
     /// The name used in tables and folders.
     pub fn name(self) -> &'static str {
         match self {
@@ -62,7 +79,10 @@ impl Method {
             Method::Random => "random",
             Method::Magnitude => "magnitude",
             Method::Snip => "snip",
+            Method::Synflow => "synflow",
             Method::IterativeMagnitude => "iterative_magnitude",
+            Method::Prunefl => "prunefl",
+            Method::Feddst => "feddst",
         }
     }
 
@@ -95,7 +115,16 @@ impl Method {
             Method::Random => f.mask.rule = MaskRule::Random,
             Method::Magnitude => f.mask.rule = MaskRule::Magnitude,
             Method::Snip => f.mask.rule = MaskRule::Snip,
+            Method::Synflow => f.mask.rule = MaskRule::Synflow,
             Method::IterativeMagnitude => f.strategy.kind = StrategyKind::IterativeMagnitude,
+            Method::Prunefl => {
+                f.strategy.kind = StrategyKind::Prunefl;
+                f.mask.rule = MaskRule::Magnitude;
+            }
+            Method::Feddst => {
+                f.strategy.kind = StrategyKind::Feddst;
+                f.mask.rule = MaskRule::Random;
+            }
         }
         f.output.name = Some(format!("{}-d{}-s{seed}", self.name(), f.mask.density));
         c
@@ -114,6 +143,10 @@ pub struct ExperimentSection {
     pub densities: Vec<f64>,
     /// Seeds.
     pub seeds: Vec<u64>,
+    /// Densities of the FedTiny ablations (`fedtiny_no_abns`, `fedtiny_one_candidate`,
+    /// `fedtiny_entire`, `fedtiny_layer`); absent: the same as `densities`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ablation_densities: Option<Vec<f64>>,
 }
 
 /// An experiment: the `[experiment]` table plus, at the top level, the base simulation every
@@ -176,12 +209,29 @@ impl ExperimentConfig {
         if e.methods.is_empty() || e.densities.is_empty() || e.seeds.is_empty() {
             return bad("experiment.methods, densities and seeds must not be empty");
         }
+        if e.ablation_densities.as_ref().is_some_and(Vec::is_empty) {
+            return bad("experiment.ablation_densities must not be empty when given");
+        }
+        for (i, m) in e.methods.iter().enumerate() {
+            if e.methods[..i].contains(m) {
+                return bad(&format!("experiment.methods lists {} twice", m.name()));
+            }
+        }
         for &m in &e.methods {
-            for &d in &e.densities {
+            for &d in self.densities_of(m) {
                 m.configure(&self.base, d, e.seeds[0]).validate()?;
             }
         }
         Ok(())
+    }
+
+    /// The densities a method runs at.
+    fn densities_of(&self, m: Method) -> &[f64] {
+        let e = &self.experiment;
+        match (&e.ablation_densities, m.is_ablation()) {
+            (Some(d), true) => d,
+            _ => &e.densities,
+        }
     }
 
     /// The (method, density, seed) runs, dense FedAvg once per seed.
@@ -193,7 +243,7 @@ impl ExperimentConfig {
                 if m == Method::FedavgDense {
                     out.push((m, 1.0, seed));
                 } else {
-                    for &d in &e.densities {
+                    for &d in self.densities_of(m) {
                         out.push((m, d, seed));
                     }
                 }
@@ -226,19 +276,52 @@ pub struct RunRecord {
     pub bytes_per_round: (f64, f64),
     /// The run folder.
     pub run_dir: String,
+    /// Wall-clock seconds of the run's rounds (evaluation included).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// Runs every configured run in process, one after another, writing each run's folder and then
 /// the experiment's tables and plots. `progress` receives each record as it completes.
+///
+/// With `resume`, the experiment continues in that existing experiment folder: runs whose folder
+/// holds a finished `summary.json` are read back instead of run again, the others run. The
+/// folder's base config (everything but `[experiment]`) must equal `cfg`'s, so methods, densities
+/// or seeds can be added to a finished sweep without mixing settings.
 pub async fn run(
     cfg: &ExperimentConfig,
+    resume: Option<&std::path::Path>,
     train: Arc<Dataset>,
     test: Arc<Dataset>,
     stop: watch::Receiver<bool>,
-    progress: &mut (dyn FnMut(usize, usize, &RunRecord) + Send),
+    progress: &mut (dyn FnMut(usize, usize, &RunRecord, bool) + Send),
 ) -> Result<(RunDir, Vec<RunRecord>)> {
     cfg.validate()?;
-    let dir = RunDir::create(&cfg.base.federation.output.dir, &cfg.experiment.name)?;
+    let dir = match resume {
+        None => RunDir::create(&cfg.base.federation.output.dir, &cfg.experiment.name)?,
+        Some(path) => {
+            let saved_path = path.join("experiment.toml");
+            let text = std::fs::read_to_string(&saved_path)
+                .map_err(|e| SimError::io(saved_path.clone(), e))?;
+            let saved = ExperimentConfig::from_toml(&text, &saved_path.display().to_string())?;
+            let mut a = saved.base.clone();
+            let mut b = cfg.base.clone();
+            // Where outputs go and where data comes from may differ between machines.
+            a.federation.output = b.federation.output.clone();
+            a.federation.eval.data_dir = b.federation.eval.data_dir.clone();
+            a.clients.data_dir = b.clients.data_dir.clone();
+            b.federation.output = a.federation.output.clone();
+            if a != b {
+                return Err(SimError::Config {
+                    path: saved_path.display().to_string(),
+                    message: "the experiment folder was made with a different base config \
+                              (only [experiment] may change when resuming)"
+                        .into(),
+                });
+            }
+            RunDir::create_existing(path)
+        }
+    };
     dir.write("experiment.toml", cfg.to_toml()?.as_bytes())?;
     let runs = cfg.runs();
     let mut records = Vec::new();
@@ -248,53 +331,96 @@ pub async fn run(
         }
         let mut sim = method.configure(&cfg.base, density, seed);
         sim.federation.output.dir = dir.path().join("runs");
+        let name = sim.federation.output.name.clone().unwrap_or_default();
+        let done = dir.path().join("runs").join(&name);
+        if resume.is_some()
+            && let Some(record) = finished_record(method, density, seed, &sim, &done)?
+        {
+            progress(i + 1, runs.len(), &record, true);
+            records.push(record);
+            continue;
+        }
         let (summary, run_dir) =
             run_in_process(&sim, train.clone(), test.clone(), stop.clone()).await?;
         if summary.interrupted {
             break;
         }
-        let metrics: Vec<RoundMetrics> =
-            std::fs::read_to_string(run_dir.path().join("metrics.jsonl"))
-                .map_err(|e| SimError::io(run_dir.path().join("metrics.jsonl"), e))?
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-        let model = checkpoint::load_model(&run_dir.path().join(FINAL_MODEL_FILE))?.to_model()?;
-        let flops = cost::flops(&model)?;
-        let storage = if method == Method::FedavgDense {
-            Storage::Dense
-        } else {
-            Storage::Sparse
-        };
-        let memory = cost::memory(
-            &model,
-            sim.federation.training.batch_size,
-            sim.federation.training.optimizer.state_per_value(),
-            storage,
-        )?;
-        let record = RunRecord {
-            method,
-            density,
-            seed,
-            accuracy: summary.final_test_accuracy.unwrap_or(0.0),
-            curve: metrics
-                .iter()
-                .filter_map(|m| m.test_accuracy.map(|a| (m.round, a)))
-                .collect(),
-            train_flops: flops.train_sparse(),
-            memory_bytes: memory.total(),
-            peak_rss_bytes: metrics.iter().filter_map(|m| m.client_peak_rss_bytes).max(),
-            bytes_per_round: (
-                summary.mean_bytes_down_per_client,
-                summary.mean_bytes_up_per_client,
-            ),
-            run_dir: run_dir.path().display().to_string(),
-        };
-        progress(i + 1, runs.len(), &record);
+        let record = record_of(method, density, seed, &sim, run_dir.path(), &summary)?;
+        progress(i + 1, runs.len(), &record, false);
         records.push(record);
     }
     write_report(&dir, cfg, &records)?;
     Ok((dir, records))
+}
+
+/// The record of a finished run folder, or `None` when the run did not finish there.
+fn finished_record(
+    method: Method,
+    density: f64,
+    seed: u64,
+    sim: &SimConfig,
+    run_dir: &std::path::Path,
+) -> Result<Option<RunRecord>> {
+    let path = run_dir.join("summary.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let summary: RunSummary = serde_json::from_str(&text).map_err(|e| SimError::Config {
+        path: path.display().to_string(),
+        message: format!("unreadable run summary: {e}"),
+    })?;
+    if summary.interrupted || summary.rounds < sim.federation.run.rounds {
+        return Ok(None);
+    }
+    record_of(method, density, seed, sim, run_dir, &summary).map(Some)
+}
+
+/// The record of a finished run from its folder (metrics, final model) and summary.
+fn record_of(
+    method: Method,
+    density: f64,
+    seed: u64,
+    sim: &SimConfig,
+    run_dir: &std::path::Path,
+    summary: &RunSummary,
+) -> Result<RunRecord> {
+    let metrics: Vec<RoundMetrics> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .map_err(|e| SimError::io(run_dir.join("metrics.jsonl"), e))?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let model = checkpoint::load_model(&run_dir.join(FINAL_MODEL_FILE))?.to_model()?;
+    let flops = cost::flops(&model)?;
+    let storage = if method == Method::FedavgDense {
+        Storage::Dense
+    } else {
+        Storage::Sparse
+    };
+    let memory = cost::memory(
+        &model,
+        sim.federation.training.batch_size,
+        sim.federation.training.optimizer.state_per_value(),
+        storage,
+    )?;
+    Ok(RunRecord {
+        method,
+        density,
+        seed,
+        accuracy: summary.final_test_accuracy.unwrap_or(0.0),
+        curve: metrics
+            .iter()
+            .filter_map(|m| m.test_accuracy.map(|a| (m.round, a)))
+            .collect(),
+        train_flops: flops.train_sparse(),
+        memory_bytes: memory.total(),
+        peak_rss_bytes: metrics.iter().filter_map(|m| m.client_peak_rss_bytes).max(),
+        bytes_per_round: (
+            summary.mean_bytes_down_per_client,
+            summary.mean_bytes_up_per_client,
+        ),
+        run_dir: run_dir.display().to_string(),
+        seconds: metrics.iter().map(|m| m.seconds).sum(),
+    })
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -322,8 +448,8 @@ pub fn write_report(
         (d.train_flops, d.memory_bytes as f64)
     });
     let mut md = String::from(
-        "| method | density | seeds | final accuracy (mean ± sd) | train FLOPs/sample | × dense | client memory (model) | × dense | peak RSS | bytes/round/client down | up |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| method | density | seeds | final accuracy (mean ± sd) | train FLOPs/sample | × dense | client memory (model) | × dense | peak RSS | bytes/round/client down | up | s/run |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut csv = String::from(
         "method,density,seeds,accuracy_mean,accuracy_sd,train_flops_per_sample,flops_vs_dense,memory_bytes,memory_vs_dense,peak_rss_bytes,bytes_down_per_round,bytes_up_per_round\n",
@@ -347,7 +473,7 @@ pub fn write_report(
         let down = rs.iter().map(|r| r.bytes_per_round.0).sum::<f64>() / rs.len() as f64;
         let up = rs.iter().map(|r| r.bytes_per_round.1).sum::<f64>() / rs.len() as f64;
         md.push_str(&format!(
-            "| {} | {} | {} | {:.2} ± {:.2} % | {:.2} M | {:.3} | {:.2} MiB | {:.3} | {} | {:.0} | {:.0} |\n",
+            "| {} | {} | {} | {:.2} ± {:.2} % | {:.2} M | {:.3} | {:.2} MiB | {:.3} | {} | {:.0} | {:.0} | {:.0} |\n",
             m.name(),
             d,
             rs.len(),
@@ -359,7 +485,8 @@ pub fn write_report(
             mem / dense_mem,
             rss.map_or("–".into(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)),
             down,
-            up
+            up,
+            rs.iter().map(|r| r.seconds).sum::<f64>() / rs.len() as f64
         ));
         csv.push_str(&format!(
             "{},{},{},{:.6},{:.6},{:.0},{:.6},{:.0},{:.6},{},{:.0},{:.0}\n",

@@ -6,16 +6,21 @@
 //! the same final model in both modes.
 //!
 //! Parallelism is chosen once: `parallel_clients` clients train at a time, each on its own rayon
-//! pool of `threads / parallel_clients` kernel threads. Clients hold only their sample indices
-//! and masks while idle; models exist only while a client trains, so memory grows with
-//! `parallel_clients`, not with the number of clients.
+//! pool of `threads / parallel_clients` kernel threads.
+//!
+//! Memory grows with the clients running at once, not with the federation: every client reads
+//! the one shared copy of the training set through its partition (an index list); its
+//! [`ClientApp`] is built when a task reaches it and dropped afterwards; between tasks a client
+//! keeps only the masks it holds, and clients holding the same masks share one copy. A
+//! simulation of 1,000 clients therefore needs about what one of 10 does
+//! (`simulations/scale_check.sh` measures it).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use fedtiny_client::{ClientApp, LocalData};
 use fedtiny_common::codec::Limits;
-use fedtiny_common::data::{Dataset, Partitioner, Splits};
+use fedtiny_common::data::{Dataset, Normalization, Partitioner, Splits};
 use fedtiny_common::mask::MaskSet;
 use fedtiny_common::parallel;
 use fedtiny_common::task::{ClientId, Task};
@@ -168,17 +173,63 @@ pub fn partition(cfg: &SimConfig, train: &Dataset) -> Result<Vec<Vec<usize>>> {
     )?)
 }
 
-/// Shared machinery of the in-process clients: a concurrency limit and one kernel pool per
-/// client slot.
+/// Shared machinery of the in-process clients: a concurrency limit, one kernel pool per client
+/// slot, the data every client reads, and the one copy of each mask set clients hold.
 struct Runner {
     slots: Semaphore,
     pools: Mutex<Vec<rayon::ThreadPool>>,
     limits: Limits,
+    /// The training set, shared by every client.
+    train: Arc<Dataset>,
+    /// Each client's training indices into `train`.
+    parts: Vec<Vec<usize>>,
+    normalization: Normalization,
+    /// The mask set clients held last (see `Runner::intern`).
+    masks: Mutex<Option<Arc<MaskSet>>>,
 }
 
+impl Runner {
+    /// Client `index`, built for one task: its data, and the masks it held after its last task.
+    fn client(&self, index: usize, held: Option<&MaskSet>) -> Result<ClientApp, Failure> {
+        let indices = self
+            .parts
+            .get(index)
+            .ok_or_else(|| Failure::ClientError(format!("no partition for client {index}")))?;
+        let app = ClientApp::new(LocalData {
+            train: self.train.clone(),
+            train_indices: indices.clone(),
+            test: None,
+            normalization: self.normalization.clone(),
+        });
+        Ok(match held {
+            Some(m) => app.with_masks(m.clone()),
+            None => app,
+        })
+    }
+
+    /// A shared copy of the masks a client holds after a task: the copy other clients hold when
+    /// the sets are equal (masks change rarely, so idle clients hold one set among them), a new
+    /// one otherwise.
+    fn intern(&self, masks: &MaskSet) -> Arc<MaskSet> {
+        let Ok(mut last) = self.masks.lock() else {
+            return Arc::new(masks.clone());
+        };
+        match last.as_ref() {
+            Some(m) if **m == *masks => m.clone(),
+            _ => {
+                let m = Arc::new(masks.clone());
+                *last = Some(m.clone());
+                m
+            }
+        }
+    }
+}
+
+/// One simulated client: between tasks, only its index and the masks it holds.
 struct InProcessProxy {
     id: ClientId,
-    app: Arc<Mutex<ClientApp>>,
+    index: usize,
+    held: Arc<Mutex<Option<Arc<MaskSet>>>>,
     runner: Arc<Runner>,
 }
 
@@ -188,7 +239,7 @@ impl ClientProxy for InProcessProxy {
     }
 
     fn execute(&self, task: Task, masks: Arc<MaskSet>) -> ReplyFuture {
-        let app = self.app.clone();
+        let (index, held) = (self.index, self.held.clone());
         let runner = self.runner.clone();
         Box::pin(async move {
             let round = task.round();
@@ -209,17 +260,22 @@ impl ClientProxy for InProcessProxy {
                     .pop()
                     .ok_or_else(|| Failure::ClientError("no free kernel pool".into()))?;
                 let out = (|| {
-                    let mut app = app
+                    let mut held = held
                         .lock()
                         .map_err(|_| Failure::ClientError("client state poisoned".into()))?;
+                    let mut app = r2.client(index, held.as_deref())?;
                     let task = convert::decode_task(&down, app.masks(), &r2.limits)
-                        .map_err(|e| Failure::ClientError(format!("decoding the task: {e}")))?;
-                    let app_ref: &mut ClientApp = &mut app;
-                    let result = pool
-                        .install(|| app_ref.handle(&task))
-                        .map_err(|e| Failure::ClientError(e.to_string()))?;
-                    let held = app.masks().cloned().unwrap_or_default();
-                    convert::encode_result(&result, &held)
+                        .map_err(|e| Failure::ClientError(format!("decoding the task: {e}")));
+                    let result = task.and_then(|task| {
+                        pool.install(|| app.handle(&task))
+                            .map_err(|e| Failure::ClientError(e.to_string()))
+                    });
+                    // The client keeps the masks it adopted, whether or not the task succeeded.
+                    *held = app.masks().map(|m| r2.intern(m));
+                    drop(app);
+                    let empty = MaskSet::default();
+                    let masks = held.as_deref().unwrap_or(&empty);
+                    convert::encode_result(&result?, masks)
                         .map_err(|e| Failure::ClientError(format!("encoding the result: {e}")))
                 })();
                 if let Ok(mut pools) = r2.pools.lock() {
@@ -280,25 +336,23 @@ pub async fn run_in_process(
     let pools = (0..p)
         .map(|_| parallel::thread_pool(per_client))
         .collect::<Result<Vec<_>, _>>()?;
+    let norm = fed.model.dataset.normalization();
+    let count = parts.len();
     let runner = Arc::new(Runner {
         slots: Semaphore::new(p),
         pools: Mutex::new(pools),
         limits: Limits::default(),
+        train: train.clone(),
+        parts,
+        normalization: norm.clone(),
+        masks: Mutex::new(None),
     });
-    let norm = fed.model.dataset.normalization();
-    let clients: Vec<Arc<dyn ClientProxy>> = parts
-        .into_iter()
-        .enumerate()
-        .map(|(i, idx)| {
-            let app = ClientApp::new(LocalData {
-                train: train.clone(),
-                train_indices: idx,
-                test: None,
-                normalization: norm.clone(),
-            });
+    let clients: Vec<Arc<dyn ClientProxy>> = (0..count)
+        .map(|i| {
             Arc::new(InProcessProxy {
                 id: ClientId(client_name(i)),
-                app: Arc::new(Mutex::new(app)),
+                index: i,
+                held: Arc::new(Mutex::new(None)),
                 runner: runner.clone(),
             }) as Arc<dyn ClientProxy>
         })

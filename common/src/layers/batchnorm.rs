@@ -30,6 +30,9 @@ struct Cache {
     xhat: Vec<f32>,
     inv_std: Vec<f32>,
     shape: Vec<usize>,
+    /// Normalised with the running statistics ([`Mode::Frozen`]): the statistics are constants,
+    /// so the backward pass is that of a per-channel affine map.
+    frozen: bool,
 }
 
 impl BatchNorm2d {
@@ -115,12 +118,47 @@ impl BatchNorm2d {
                 xhat,
                 inv_std,
                 shape: shape.clone(),
+                frozen: false,
             });
         } else {
             let scale: Vec<f32> = (0..c).map(|ch| inv_std[ch] * gamma[ch]).collect();
             let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
             affine(&mut data, &scale, &shift, task);
         }
+        from_vec(&shape, data)
+    }
+}
+
+impl BatchNorm2d {
+    /// Evaluation-mode normalisation that keeps `x̂ = (x − μ_run)/σ_run` for the backward pass.
+    fn frozen_forward(&mut self, x: Tensor) -> Result<Tensor> {
+        let c = self.channels;
+        let shape = x.shape().to_vec();
+        let mut data = into_vec(x);
+        let gamma = self.gamma.value.as_slice().unwrap_or(&[]);
+        let beta = self.beta.value.as_slice().unwrap_or(&[]);
+        let rm = self.running_mean.as_slice().unwrap_or(&[]);
+        let rv = self.running_var.as_slice().unwrap_or(&[]);
+        let inv_std: Vec<f32> = (0..c).map(|ch| 1.0 / (rv[ch] + self.eps).sqrt()).collect();
+        let mut xhat = vec![0.0f32; data.len()];
+        let task = (TASK_ELEMS / c).max(1) * c;
+        xhat.par_chunks_mut(task)
+            .zip(data.par_chunks_mut(task))
+            .for_each(|(xh, y)| {
+                for (xr, yr) in xh.chunks_mut(c).zip(y.chunks_mut(c)) {
+                    for ch in 0..c {
+                        let n = (yr[ch] - rm[ch]) * inv_std[ch];
+                        xr[ch] = n;
+                        yr[ch] = n * gamma[ch] + beta[ch];
+                    }
+                }
+            });
+        self.cache = Some(Cache {
+            xhat,
+            inv_std,
+            shape: shape.clone(),
+            frozen: true,
+        });
         from_vec(&shape, data)
     }
 }
@@ -143,6 +181,7 @@ impl super::Layer for BatchNorm2d {
         match mode {
             Mode::Train => self.batch_forward(x, true),
             Mode::Calibrate => self.batch_forward(x, false),
+            Mode::Frozen => self.frozen_forward(x),
             Mode::Eval => {
                 let c = self.channels;
                 let shape = x.shape().to_vec();
@@ -166,6 +205,7 @@ impl super::Layer for BatchNorm2d {
             xhat,
             inv_std,
             shape,
+            frozen,
         } = self
             .cache
             .take()
@@ -193,11 +233,22 @@ impl super::Layer for BatchNorm2d {
             *g = *v as f32;
         }
         let gamma = self.gamma.value.as_slice().unwrap_or(&[]);
-        // dx = γ·inv_std · (dy − mean(dy) − x̂·mean(dy·x̂))
         let k: Vec<f32> = (0..c).map(|ch| gamma[ch] * inv_std[ch]).collect();
+        let task = (TASK_ELEMS / c).max(1) * c;
+        if frozen {
+            // Constant statistics: dx = γ·inv_std·dy.
+            dy.par_chunks_mut(task).for_each(|d| {
+                for dr in d.chunks_mut(c) {
+                    for (v, kc) in dr.iter_mut().zip(&k) {
+                        *v *= kc;
+                    }
+                }
+            });
+            return from_vec(&shape, dy);
+        }
+        // dx = γ·inv_std · (dy − mean(dy) − x̂·mean(dy·x̂))
         let mdb: Vec<f32> = dbeta.iter().map(|v| (v / m as f64) as f32).collect();
         let mdg: Vec<f32> = dgamma.iter().map(|v| (v / m as f64) as f32).collect();
-        let task = (TASK_ELEMS / c).max(1) * c;
         dy.par_chunks_mut(task)
             .zip(xhat.par_chunks(task))
             .for_each(|(d, xh)| {

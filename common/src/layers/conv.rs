@@ -20,9 +20,14 @@ use crate::{Error, Result};
 /// When the weight is masked and [`policy::use_sparse`] says so for this shape and density, the
 /// forward pass, the input gradient and the weight gradient run on the sparse kernels
 /// ([`ConvPlan`]): only active weights are touched, and the weight gradient is computed at active
-/// positions only (zero elsewhere) unless the weight's `dense_grad` is set, in which case it is
-/// the full dense gradient. Either way the results equal the masked dense computation up to
-/// float rounding.
+/// positions only (zero elsewhere) unless the weight wants the full dense gradient
+/// ([`Param::wants_dense_grad`]). Either way the results equal the masked dense computation up
+/// to float rounding.
+///
+/// With lean storage allowed on the weight ([`Param::set_lean_allowed`]), the weight follows the
+/// kernel choice ([`Param::follow_kernels`]): while the sparse kernels run, its active values
+/// (inside the [`SparseWeight`] the kernels read) and their gradient are all it holds; the
+/// results are bit-identical to dense storage with the same kernels.
 pub struct Conv2d {
     weight: Param,
     bias: Option<Param>,
@@ -46,8 +51,8 @@ enum Cache {
         cols: Vec<f32>,
     },
     Sparse {
-        /// The plan of the forward pass.
-        plan: ConvPlan,
+        /// The geometry of the forward pass (its plan stays in [`SparseState::plan`]).
+        geom: ConvGeometry,
         /// The packed input (the plan's layout).
         packed: Vec<f32>,
     },
@@ -56,6 +61,7 @@ enum Cache {
 /// What the sparse path keeps between steps.
 #[derive(Default)]
 struct SparseState {
+    /// The compressed weight of dense storage (lean storage holds its own).
     weight: Option<SparseWeight>,
     plan: Option<ConvPlan>,
     work: Workspace,
@@ -190,34 +196,50 @@ impl Conv2d {
         plan: ConvPlan,
         mode: Mode,
     ) -> Result<Tensor> {
-        self.sync_sparse_weight()?;
+        self.weight.follow_kernels(true)?;
+        let lean = self.weight.is_lean();
+        if lean {
+            self.sparse.weight = None;
+        } else {
+            self.sync_sparse_weight()?;
+        }
         let x = contiguous(x);
         let mut packed = std::mem::take(&mut self.sparse.work.src);
         let mut out = vec![0.0f32; g.rows() * self.cout];
-        let w = self.sparse.weight.as_ref().ok_or_else(sparse_state_error)?;
+        let w = if lean {
+            self.weight.lean_weight()
+        } else {
+            self.sparse.weight.as_ref()
+        }
+        .ok_or_else(sparse_state_error)?;
         let bias = self.bias.as_ref().and_then(|b| b.value.as_slice());
         let x = x.as_slice().unwrap_or(&[]);
-        plan.forward(w, x, bias, &mut packed, &mut out)?;
+        let result = plan.forward(w, x, bias, &mut packed, &mut out);
+        self.sparse.plan = Some(plan);
+        if let Err(e) = result {
+            self.sparse.work.src = packed;
+            return Err(e);
+        }
         if mode.caches() {
-            self.cache = Some(Cache::Sparse {
-                plan: plan.clone(),
-                packed,
-            });
+            self.cache = Some(Cache::Sparse { geom: g, packed });
         } else {
             self.sparse.work.src = packed;
         }
-        self.sparse.plan = Some(plan);
         from_vec(&[g.n, g.oh, g.ow, self.cout], out)
     }
 
     fn backward_sparse(
         &mut self,
         grad: Tensor,
-        plan: ConvPlan,
+        g: ConvGeometry,
         packed: Vec<f32>,
     ) -> Result<Tensor> {
-        let g = *plan.geometry();
+        let plan = match self.sparse.plan.take() {
+            Some(p) if *p.geometry() == g => p,
+            _ => ConvPlan::new(&g)?,
+        };
         let result = self.backward_sparse_with(grad, &packed, &plan);
+        self.sparse.plan = Some(plan);
         self.sparse.work.src = packed;
         let dx = result?;
         if !self.input_grad {
@@ -237,12 +259,14 @@ impl Conv2d {
         expect_grad("conv2d", &grad, &[g.n, g.oh, g.ow, cout])?;
         let grad = contiguous(grad);
         let dy = grad.as_slice().unwrap_or(&[]);
-        self.sync_sparse_weight()?;
-        let w = self.sparse.weight.as_ref().ok_or_else(sparse_state_error)?;
-        let dw = self.weight.grad.as_slice_mut().ok_or_else(layout_error)?;
-        let dense_grad = self.weight.dense_grad;
+        let lean = self.weight.is_lean();
+        if !lean {
+            self.sync_sparse_weight()?;
+        }
+        let dense_grad = self.weight.wants_dense_grad();
         if dense_grad {
             // The full gradient, pruned positions included: im2col of the (unpacked) input.
+            let dw = self.weight.dense_grad_buffer()?;
             let mut x = vec![0.0f32; g.n * g.image_len()];
             plan.unpack_input(packed, &mut x)?;
             let cols = if g.is_pointwise() {
@@ -262,6 +286,9 @@ impl Conv2d {
             if !g.is_pointwise() {
                 self.scratch = cols;
             }
+            self.weight.finish_dense_grad();
+        } else {
+            self.weight.release_dense_grad();
         }
         if let Some(b) = &mut self.bias {
             bias_grad(b, dy, rows, cout);
@@ -272,9 +299,17 @@ impl Conv2d {
             Vec::new()
         };
         let dx_out = self.input_grad.then_some(dx.as_mut_slice());
-        let dw_out = (!dense_grad).then_some(dw);
         let partials = &mut self.sparse.work.weight_grad;
-        plan.backward(w, packed, dy, dx_out, dw_out, partials)?;
+        if lean {
+            let (w, dw) = self.weight.lean_parts().ok_or_else(sparse_state_error)?;
+            let dw_out = (!dense_grad).then_some(dw);
+            plan.backward_active(w, packed, dy, dx_out, dw_out, partials)?;
+        } else {
+            let w = self.sparse.weight.as_ref().ok_or_else(sparse_state_error)?;
+            let dw = self.weight.grad.as_slice_mut().ok_or_else(layout_error)?;
+            let dw_out = (!dense_grad).then_some(dw);
+            plan.backward(w, packed, dy, dx_out, dw_out, partials)?;
+        }
         Ok(dx)
     }
 }
@@ -314,6 +349,8 @@ impl super::Layer for Conv2d {
             return self.forward_sparse(x, g, plan, mode);
         }
         self.last_sparse = false;
+        self.weight.follow_kernels(false)?;
+        self.sparse.weight = None;
         let patch = self.patch();
         let cols = if g.is_pointwise() {
             crate::tensor::into_vec(x)
@@ -355,21 +392,20 @@ impl super::Layer for Conv2d {
             .ok_or_else(|| Error::NoForwardCache("conv2d".into()))?;
         let (g, mut cols) = match cache {
             Cache::Dense { geom, cols } => (geom, cols),
-            Cache::Sparse { plan, packed } => return self.backward_sparse(grad, plan, packed),
+            Cache::Sparse { geom, packed } => return self.backward_sparse(grad, geom, packed),
         };
         expect_grad("conv2d", &grad, &[g.n, g.oh, g.ow, self.cout])?;
         let grad = contiguous(grad);
         let dy = grad.as_slice().unwrap_or(&[]);
         let (rows, patch, cout) = (g.rows(), self.patch(), self.cout);
         {
+            // Dense kernels: the weight is in dense storage, its gradient is the full one.
+            self.weight.follow_kernels(false)?;
             let a = view2(&cols, rows, patch)?;
             let dyv = view2(dy, rows, cout)?;
-            let dw = view2_mut(
-                self.weight.grad.as_slice_mut().ok_or_else(layout_error)?,
-                patch,
-                cout,
-            )?;
+            let dw = view2_mut(self.weight.dense_grad_buffer()?, patch, cout)?;
             gemm(a.t(), dyv, 0.0, dw);
+            self.weight.finish_dense_grad();
         }
         if let Some(b) = &mut self.bias {
             bias_grad(b, dy, rows, cout);

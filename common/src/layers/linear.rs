@@ -19,7 +19,13 @@ use crate::{Error, Result};
 ///
 /// When the weight is masked and [`policy::use_sparse`] says so for this shape and density, the
 /// three products run on the sparse kernels ([`MatrixPlan`]); the weight gradient is then zero at
-/// pruned positions unless the weight's `dense_grad` is set (then it is the full dense gradient).
+/// pruned positions unless the weight wants the full dense gradient
+/// ([`Param::wants_dense_grad`]). With lean storage allowed on the weight, it holds only its
+/// active values and gradient while the sparse kernels run (see [`crate::param`]); results are
+/// bit-identical to dense storage with the same kernels.
+///
+/// The input kept for the backward pass becomes the buffer of the input gradient, so a step
+/// allocates one input-sized buffer fewer.
 pub struct Linear {
     weight: Param,
     bias: Param,
@@ -34,10 +40,9 @@ pub struct Linear {
 enum Cache {
     Dense(Tensor),
     Sparse {
-        /// The input (for a dense weight gradient).
+        /// The input (for a dense weight gradient, then reused for the input gradient).
         x: Tensor,
-        plan: MatrixPlan,
-        /// The packed input (the plan's layout).
+        /// The packed input (the layout of the plan kept in [`SparseState::plan`]).
         packed: Vec<f32>,
     },
 }
@@ -45,6 +50,7 @@ enum Cache {
 /// What the sparse path keeps between steps.
 #[derive(Default)]
 struct SparseState {
+    /// The compressed weight of dense storage (lean storage holds its own).
     weight: Option<SparseWeight>,
     plan: Option<MatrixPlan>,
     work: Workspace,
@@ -126,62 +132,109 @@ impl Linear {
     }
 
     fn forward_sparse(&mut self, x: Tensor, plan: MatrixPlan, mode: Mode) -> Result<Tensor> {
-        self.sync_sparse_weight()?;
+        self.weight.follow_kernels(true)?;
+        let lean = self.weight.is_lean();
+        if lean {
+            self.sparse.weight = None;
+        } else {
+            self.sync_sparse_weight()?;
+        }
         let n = x.shape()[0];
         let mut packed = std::mem::take(&mut self.sparse.work.src);
-        plan.pack_input(x.as_slice().unwrap_or(&[]), &mut packed)?;
         let mut out = vec![0.0f32; n * self.fan_out];
         let b = self.bias.value.as_slice().unwrap_or(&[]);
         for row in out.chunks_mut(self.fan_out) {
             row.copy_from_slice(b);
         }
-        let w = self.sparse.weight.as_ref().ok_or_else(sparse_state_error)?;
-        plan.forward(w, &packed, &mut self.sparse.work.out, &mut out, true)?;
+        let w = if lean {
+            self.weight.lean_weight()
+        } else {
+            self.sparse.weight.as_ref()
+        }
+        .ok_or_else(sparse_state_error)?;
+        let result = plan
+            .pack_input(x.as_slice().unwrap_or(&[]), &mut packed)
+            .and_then(|()| plan.forward(w, &packed, &mut self.sparse.work.out, &mut out, true));
+        self.sparse.plan = Some(plan);
+        if let Err(e) = result {
+            self.sparse.work.src = packed;
+            return Err(e);
+        }
         if mode.caches() {
-            self.cache = Some(Cache::Sparse {
-                x,
-                plan: plan.clone(),
-                packed,
-            });
+            self.cache = Some(Cache::Sparse { x, packed });
         } else {
             self.sparse.work.src = packed;
         }
-        self.sparse.plan = Some(plan);
         from_vec(&[n, self.fan_out], out)
     }
 
-    fn backward_sparse(
+    fn backward_sparse(&mut self, grad: Tensor, x: Tensor, packed: &[f32]) -> Result<Tensor> {
+        let n = x.shape()[0];
+        let (fi, fo) = (self.fan_in, self.fan_out);
+        expect_grad("linear", &grad, &[n, fo])?;
+        let plan = match self.sparse.plan.take() {
+            Some(p) if p.m() == n => p,
+            _ => MatrixPlan::new(n, fi)?,
+        };
+        let result = self.backward_sparse_with(grad, x, &plan, packed);
+        self.sparse.plan = Some(plan);
+        result
+    }
+
+    fn backward_sparse_with(
         &mut self,
         grad: Tensor,
-        x: &Tensor,
+        x: Tensor,
         plan: &MatrixPlan,
         packed: &[f32],
     ) -> Result<Tensor> {
         let n = plan.m();
         let (fi, fo) = (self.fan_in, self.fan_out);
-        expect_grad("linear", &grad, &[n, fo])?;
         let grad = contiguous(grad);
         let dy = grad.as_slice().unwrap_or(&[]);
-        self.sync_sparse_weight()?;
-        let w = self.sparse.weight.as_ref().ok_or_else(sparse_state_error)?;
+        let lean = self.weight.is_lean();
+        if !lean {
+            self.sync_sparse_weight()?;
+        }
+        let dense_grad = self.weight.wants_dense_grad();
         let work = &mut self.sparse.work;
         plan.pack_output_grad(dy, fo, &mut work.out_grad)?;
-        let dw = self
-            .weight
-            .grad
-            .as_slice_mut()
-            .ok_or_else(|| Error::StateMismatch("linear grad layout".into()))?;
-        if self.weight.dense_grad {
+        if dense_grad {
+            let dw = self.weight.dense_grad_buffer()?;
             let xv = view2(x.as_slice().unwrap_or(&[]), n, fi)?;
             gemm(xv.t(), view2(dy, n, fo)?, 0.0, view2_mut(dw, fi, fo)?);
+            self.weight.finish_dense_grad();
         } else {
-            plan.weight_grad(w, packed, &work.out_grad, &mut work.weight_grad, dw)?;
+            self.weight.release_dense_grad();
         }
         bias_grad(&mut self.bias, dy, n, fo);
-        let mut dx = vec![0.0f32; n * fi];
-        plan.input_grad(w, &work.out_grad, &mut work.src_grad, &mut dx)?;
+        // The input is no longer needed: its buffer receives the input gradient (overwritten).
+        let mut dx = crate::tensor::into_vec(x);
+        dx.resize(n * fi, 0.0);
+        if lean {
+            let (w, dw) = self.weight.lean_parts().ok_or_else(sparse_state_error)?;
+            if !dense_grad {
+                plan.weight_grad_active(w, packed, &work.out_grad, dw)?;
+            }
+            plan.input_grad(w, &work.out_grad, &mut work.src_grad, &mut dx)?;
+        } else {
+            let w = self.sparse.weight.as_ref().ok_or_else(sparse_state_error)?;
+            if !dense_grad {
+                let dw = self
+                    .weight
+                    .grad
+                    .as_slice_mut()
+                    .ok_or_else(grad_layout_error)?;
+                plan.weight_grad(w, packed, &work.out_grad, &mut work.weight_grad, dw)?;
+            }
+            plan.input_grad(w, &work.out_grad, &mut work.src_grad, &mut dx)?;
+        }
         from_vec(&[n, fi], dx)
     }
+}
+
+fn grad_layout_error() -> Error {
+    Error::StateMismatch("linear grad layout".into())
 }
 
 fn sparse_state_error() -> Error {
@@ -210,6 +263,8 @@ impl super::Layer for Linear {
             return self.forward_sparse(x, plan, mode);
         }
         self.last_sparse = false;
+        self.weight.follow_kernels(false)?;
+        self.sparse.weight = None;
         let mut out = vec![0.0f32; n * self.fan_out];
         let b = self.bias.value.as_slice().unwrap_or(&[]);
         for row in out.chunks_mut(self.fan_out) {
@@ -233,8 +288,8 @@ impl super::Layer for Linear {
             .ok_or_else(|| Error::NoForwardCache("linear".into()))?;
         let x = match cache {
             Cache::Dense(x) => x,
-            Cache::Sparse { x, plan, packed } => {
-                let result = self.backward_sparse(grad, &x, &plan, &packed);
+            Cache::Sparse { x, packed } => {
+                let result = self.backward_sparse(grad, x, &packed);
                 self.sparse.work.src = packed;
                 return result;
             }
@@ -245,20 +300,18 @@ impl super::Layer for Linear {
         let dy = grad.as_slice().unwrap_or(&[]);
         let (fi, fo) = (self.fan_in, self.fan_out);
         {
+            // Dense kernels: the weight is in dense storage, its gradient is the full one.
+            self.weight.follow_kernels(false)?;
             let xv = view2(x.as_slice().unwrap_or(&[]), n, fi)?;
             let dyv = view2(dy, n, fo)?;
-            let dw = view2_mut(
-                self.weight
-                    .grad
-                    .as_slice_mut()
-                    .ok_or_else(|| Error::StateMismatch("linear grad layout".into()))?,
-                fi,
-                fo,
-            )?;
+            let dw = view2_mut(self.weight.dense_grad_buffer()?, fi, fo)?;
             gemm(xv.t(), dyv, 0.0, dw);
+            self.weight.finish_dense_grad();
         }
         bias_grad(&mut self.bias, dy, n, fo);
-        let mut dx = vec![0.0f32; n * fi];
+        // The input is no longer needed: its buffer receives the input gradient (overwritten).
+        let mut dx = crate::tensor::into_vec(x);
+        dx.resize(n * fi, 0.0);
         {
             let dyv = view2(dy, n, fo)?;
             let w = view2(weight_slice(&self.weight)?, fi, fo)?;

@@ -8,17 +8,30 @@ use crate::{Error, Result};
 
 const TASK_ELEMS: usize = 1 << 15;
 
-/// `max(x, 0)`, applied in place; training keeps the output to gate the gradient.
+/// `max(x, 0)`, applied in place; training keeps the output to gate the gradient (in a buffer
+/// reused from one step to the next).
 #[derive(Default)]
 pub struct Relu {
     cache: Option<Tensor>,
+    /// The cache's buffer after the backward pass, for the next training forward.
+    spare: Vec<f32>,
 }
 
 impl Relu {
     /// A ReLU.
     pub fn new() -> Self {
-        Relu { cache: None }
+        Relu::default()
     }
+}
+
+/// A copy of `t` (standard layout) in `buf`'s allocation.
+pub(super) fn copy_into(t: &Tensor, mut buf: Vec<f32>) -> Result<Tensor> {
+    buf.clear();
+    match t.as_slice() {
+        Some(s) => buf.extend_from_slice(s),
+        None => buf.extend(t.iter().copied()),
+    }
+    from_vec(t.shape(), buf)
 }
 
 /// In-place ReLU of a slice, in parallel.
@@ -50,7 +63,7 @@ impl super::Layer for Relu {
         relu_in_place(&mut v);
         let out = from_vec(&shape, v)?;
         if mode.caches() {
-            self.cache = Some(out.clone());
+            self.cache = Some(copy_into(&out, std::mem::take(&mut self.spare))?);
         }
         Ok(out)
     }
@@ -64,6 +77,7 @@ impl super::Layer for Relu {
         let shape = out.shape().to_vec();
         let mut g = into_vec(grad);
         relu_gate(&mut g, out.as_slice().unwrap_or(&[]));
+        self.spare = into_vec(out);
         from_vec(&shape, g)
     }
 
@@ -83,5 +97,6 @@ impl super::Layer for Relu {
 
     fn clear_cache(&mut self) {
         self.cache = None;
+        self.spare = Vec::new();
     }
 }

@@ -1,6 +1,6 @@
 //! A residual block: `relu(branch(x) + shortcut(x))`.
 
-use super::relu::{relu_gate, relu_in_place};
+use super::relu::{copy_into, relu_gate, relu_in_place};
 use super::{Layer, OpInfo, OpKind, Sequential, Slot, SlotMut, expect_grad, join};
 use crate::tensor::{Mode, Tensor, from_vec, into_vec};
 use crate::{Error, Result};
@@ -12,6 +12,8 @@ pub struct Residual {
     branch: Sequential,
     shortcut: Option<Sequential>,
     cache: Option<Tensor>,
+    /// The cache's buffer after the backward pass, for the next training forward.
+    spare: Vec<f32>,
 }
 
 impl Residual {
@@ -21,6 +23,7 @@ impl Residual {
             branch,
             shortcut,
             cache: None,
+            spare: Vec::new(),
         }
     }
 }
@@ -43,7 +46,7 @@ impl Layer for Residual {
         relu_in_place(&mut v);
         let out = from_vec(&shape, v)?;
         if mode.caches() {
-            self.cache = Some(out.clone());
+            self.cache = Some(copy_into(&out, std::mem::take(&mut self.spare))?);
         }
         Ok(out)
     }
@@ -57,6 +60,7 @@ impl Layer for Residual {
         let shape = out.shape().to_vec();
         let mut g = into_vec(grad);
         relu_gate(&mut g, out.as_slice().unwrap_or(&[]));
+        self.spare = into_vec(out);
         let g = from_vec(&shape, g)?;
         let gs = match &mut self.shortcut {
             Some(sc) => sc.backward(g.clone())?,
@@ -112,6 +116,7 @@ impl Layer for Residual {
 
     fn clear_cache(&mut self) {
         self.cache = None;
+        self.spare = Vec::new();
         self.branch.clear_cache();
         if let Some(sc) = &mut self.shortcut {
             sc.clear_cache();

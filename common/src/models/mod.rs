@@ -220,8 +220,8 @@ impl Model {
         let mut sd = StateDict::default();
         self.visit(&mut |name, slot| {
             let (role, prunable, t) = match slot {
-                Slot::Param(p) => (p.role, p.prunable, &p.value),
-                Slot::Buffer(role, t) => (role, false, t),
+                Slot::Param(p) => (p.role, p.prunable, p.value_dense()),
+                Slot::Buffer(role, t) => (role, false, std::borrow::Cow::Borrowed(t)),
             };
             sd.entries.insert(
                 name.to_string(),
@@ -244,7 +244,7 @@ impl Model {
         let mut problem = None;
         self.visit(&mut |name, slot| {
             let shape = match slot {
-                Slot::Param(p) => p.value.shape().to_vec(),
+                Slot::Param(p) => p.shape().to_vec(),
                 Slot::Buffer(_, t) => t.shape().to_vec(),
             };
             names.push(name.to_string());
@@ -286,11 +286,9 @@ impl Model {
                 return;
             };
             let r = match slot {
-                SlotMut::Param(p) => from_vec(&e.shape, e.values.clone()).and_then(|t| {
-                    p.value = t;
-                    let m = p.mask().cloned();
-                    p.set_mask(m)
-                }),
+                SlotMut::Param(p) => {
+                    from_vec(&e.shape, e.values.clone()).and_then(|t| p.set_value(t))
+                }
                 SlotMut::Buffer(_, t) => from_vec(&e.shape, e.values.clone()).map(|v| *t = v),
             };
             if let Err(e) = r {
@@ -366,6 +364,36 @@ impl Model {
             }
         });
         res
+    }
+
+    /// Chooses how masked prunable weights are stored (see [`crate::param`]): with `lean`, a
+    /// masked weight whose layer runs its sparse kernels holds only its active values, gradients
+    /// and (in the optimizer) moments; otherwise every weight is held dense, masked by zeroing
+    /// (the default). Training computes the same values either way. Conversions are exact and
+    /// happen now for weights already masked, else when masks are installed.
+    pub fn set_lean_storage(&mut self, lean: bool) -> Result<()> {
+        let mut err = None;
+        self.for_each_param(&mut |_, p| {
+            if p.prunable
+                && let Err(e) = p.set_lean_allowed(lean)
+            {
+                err.get_or_insert(e);
+            }
+        });
+        err.map_or(Ok(()), Err)
+    }
+
+    /// Names of the parameters currently held lean (active values only), in model order.
+    pub fn lean_names(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.visit(&mut |name, slot| {
+            if let Slot::Param(p) = slot
+                && p.is_lean()
+            {
+                out.push(name.to_string());
+            }
+        });
+        out
     }
 
     /// Traces the model for one sample: per-operation shapes and dense multiply-adds.

@@ -2,12 +2,13 @@
 
 use std::collections::HashMap;
 
-use super::{Optimizer, masked};
+use super::{Optimizer, ParamState, masked, param_error};
+use crate::Result;
 use crate::models::Model;
-use crate::{Error, Result};
 
 /// Adam: `m ← β₁m + (1−β₁)g'`, `v ← β₂v + (1−β₂)g'²` with `g' = g + λw`; AMSGrad keeps
-/// `v̂ = max(v̂, v)`; `w ← w − lr/(1−β₁ᵗ) · m / (√(v̂/(1−β₂ᵗ)) + ε)`.
+/// `v̂ = max(v̂, v)`; `w ← w − lr/(1−β₁ᵗ) · m / (√(v̂/(1−β₂ᵗ)) + ε)`. The moments are held for the
+/// stored values only (active values of lean parameters).
 pub struct Adam {
     lr: f32,
     beta1: f32,
@@ -16,13 +17,8 @@ pub struct Adam {
     weight_decay: f32,
     amsgrad: bool,
     t: i32,
-    state: HashMap<String, Moments>,
-}
-
-struct Moments {
-    m: Vec<f32>,
-    v: Vec<f32>,
-    vmax: Vec<f32>,
+    /// Per parameter: `m`, `v` and, with AMSGrad, `v̂`.
+    state: HashMap<String, ParamState>,
 }
 
 impl Adam {
@@ -61,50 +57,55 @@ impl Optimizer for Adam {
         let bc1 = 1.0 - b1.powi(self.t);
         let bc2_sqrt = (1.0 - b2.powi(self.t)).sqrt();
         let step = self.lr / bc1;
+        let slots = if ams { 3 } else { 2 };
         let mut err = None;
         model.for_each_param(&mut |name, p| {
-            let (value, grad, mask) = p.split_mut();
-            let (Some(w), Some(g)) = (value.as_slice_mut(), grad.as_slice()) else {
-                err.get_or_insert(Error::StateMismatch(format!("`{name}` not contiguous")));
-                return;
+            let u = match p.update_view() {
+                Ok(u) => u,
+                Err(e) => {
+                    err.get_or_insert(param_error(name, &e));
+                    return;
+                }
             };
+            let (w, g, mask) = (u.values, u.grad, u.mask);
             let s = self
                 .state
                 .entry(name.to_string())
-                .or_insert_with(|| Moments {
-                    m: vec![0.0; w.len()],
-                    v: vec![0.0; w.len()],
-                    vmax: if ams { vec![0.0; w.len()] } else { Vec::new() },
-                });
-            if ams {
-                for ((((w, g), m), v), vm) in w
-                    .iter_mut()
-                    .zip(g)
-                    .zip(s.m.iter_mut())
-                    .zip(s.v.iter_mut())
-                    .zip(s.vmax.iter_mut())
-                {
-                    let g = g + wd * *w;
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    *vm = vm.max(*v);
-                    *w -= step * *m / (vm.sqrt() / bc2_sqrt + eps);
+                .or_insert_with(|| ParamState::new(&u.layout, w.len(), slots));
+            s.adapt(&u.layout, w.len());
+            match s.slots.as_mut_slice() {
+                [m, v, vmax] => {
+                    for ((((w, g), m), v), vm) in w
+                        .iter_mut()
+                        .zip(g)
+                        .zip(m.iter_mut())
+                        .zip(v.iter_mut())
+                        .zip(vmax.iter_mut())
+                    {
+                        let g = g + wd * *w;
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        *vm = vm.max(*v);
+                        *w -= step * *m / (vm.sqrt() / bc2_sqrt + eps);
+                    }
+                    masked(mask, vmax);
+                    masked(mask, m);
+                    masked(mask, v);
                 }
-            } else {
-                for (((w, g), m), v) in w.iter_mut().zip(g).zip(s.m.iter_mut()).zip(s.v.iter_mut())
-                {
-                    let g = g + wd * *w;
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    *w -= step * *m / (v.sqrt() / bc2_sqrt + eps);
+                [m, v] => {
+                    for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+                    {
+                        let g = g + wd * *w;
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        *w -= step * *m / (v.sqrt() / bc2_sqrt + eps);
+                    }
+                    masked(mask, m);
+                    masked(mask, v);
                 }
+                _ => {}
             }
             masked(mask, w);
-            masked(mask, &mut s.m);
-            masked(mask, &mut s.v);
-            if ams {
-                masked(mask, &mut s.vmax);
-            }
         });
         err.map_or(Ok(()), Err)
     }
@@ -118,9 +119,6 @@ impl Optimizer for Adam {
     }
 
     fn state_bytes(&self) -> usize {
-        self.state
-            .values()
-            .map(|s| (s.m.len() + s.v.len() + s.vmax.len()) * 4)
-            .sum()
+        self.state.values().map(ParamState::bytes).sum()
     }
 }

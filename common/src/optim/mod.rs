@@ -1,6 +1,12 @@
 //! Optimizers. Both keep pruned weights exactly zero: after every step, weights *and* their
 //! optimizer moments are multiplied by the mask, so a pruned position carries no momentum into a
 //! later round in which it might be regrown.
+//!
+//! The moments follow the parameter's storage ([`crate::param::StateLayout`]): one value per
+//! element for dense storage, one per active element (mask order) for lean storage. When the
+//! storage or the mask changes, the moments are carried over where the element stays active and
+//! start at zero elsewhere, which is what the masked dense moments hold; the update of every
+//! active element is the same float computation in both layouts.
 
 mod adam;
 mod sgd;
@@ -180,6 +186,44 @@ fn masked(mask: Option<&crate::mask::Mask>, v: &mut [f32]) {
     if let Some(m) = mask {
         m.apply(v);
     }
+}
+
+/// One parameter's optimizer state: `slots` vectors laid out like the parameter's storage.
+struct ParamState {
+    layout: crate::param::StateLayout,
+    slots: Vec<Vec<f32>>,
+}
+
+impl ParamState {
+    /// Zeroed state of `slots` vectors of `len` values.
+    fn new(layout: &crate::param::StateLayout, len: usize, slots: usize) -> Self {
+        ParamState {
+            layout: layout.clone(),
+            slots: vec![vec![0.0; len]; slots],
+        }
+    }
+
+    /// Re-lays the state for `layout` with `len` values per slot (see
+    /// [`crate::param::StateLayout::convert`]).
+    fn adapt(&mut self, layout: &crate::param::StateLayout, len: usize) {
+        let same = self.layout.same_as(layout);
+        for s in &mut self.slots {
+            if !same || s.len() != len {
+                self.layout.convert(layout, len, s);
+            }
+        }
+        // Share the parameter's current mask (and release an older one).
+        self.layout = layout.clone();
+    }
+
+    fn bytes(&self) -> usize {
+        self.slots.iter().map(|s| 4 * s.len()).sum()
+    }
+}
+
+/// The error for a parameter the optimizer cannot update.
+fn param_error(name: &str, e: &Error) -> Error {
+    Error::StateMismatch(format!("`{name}`: {e}"))
 }
 
 #[cfg(test)]

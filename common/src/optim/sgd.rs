@@ -2,17 +2,18 @@
 
 use std::collections::HashMap;
 
-use super::{Optimizer, masked};
+use super::{Optimizer, ParamState, masked, param_error};
+use crate::Result;
 use crate::models::Model;
-use crate::{Error, Result};
 
-/// `v ← μv + (g + λw)`; `w ← w − lr·(g + λw + μv)` with Nesterov, `w ← w − lr·v` without.
+/// `v ← μv + (g + λw)`; `w ← w − lr·(g + λw + μv)` with Nesterov, `w ← w − lr·v` without. The
+/// velocity is held for the stored values only (active values of lean parameters).
 pub struct Sgd {
     lr: f32,
     momentum: f32,
     weight_decay: f32,
     nesterov: bool,
-    velocity: HashMap<String, Vec<f32>>,
+    velocity: HashMap<String, ParamState>,
 }
 
 impl Sgd {
@@ -33,26 +34,32 @@ impl Optimizer for Sgd {
         let (lr, mu, wd, nesterov) = (self.lr, self.momentum, self.weight_decay, self.nesterov);
         let mut err = None;
         model.for_each_param(&mut |name, p| {
-            let (value, grad, mask) = p.split_mut();
-            let (Some(w), Some(g)) = (value.as_slice_mut(), grad.as_slice()) else {
-                err.get_or_insert(Error::StateMismatch(format!("`{name}` not contiguous")));
-                return;
+            let u = match p.update_view() {
+                Ok(u) => u,
+                Err(e) => {
+                    err.get_or_insert(param_error(name, &e));
+                    return;
+                }
             };
+            let (w, g, mask) = (u.values, u.grad, u.mask);
             if mu == 0.0 {
                 for (w, g) in w.iter_mut().zip(g) {
                     *w -= lr * (g + wd * *w);
                 }
             } else {
-                let v = self
+                let s = self
                     .velocity
                     .entry(name.to_string())
-                    .or_insert_with(|| vec![0.0; w.len()]);
-                for ((w, g), v) in w.iter_mut().zip(g).zip(v.iter_mut()) {
-                    let d = g + wd * *w;
-                    *v = mu * *v + d;
-                    *w -= lr * if nesterov { d + mu * *v } else { *v };
+                    .or_insert_with(|| ParamState::new(&u.layout, w.len(), 1));
+                s.adapt(&u.layout, w.len());
+                if let [v] = s.slots.as_mut_slice() {
+                    for ((w, g), v) in w.iter_mut().zip(g).zip(v.iter_mut()) {
+                        let d = g + wd * *w;
+                        *v = mu * *v + d;
+                        *w -= lr * if nesterov { d + mu * *v } else { *v };
+                    }
+                    masked(mask, v);
                 }
-                masked(mask, v);
             }
             masked(mask, w);
         });
@@ -68,6 +75,6 @@ impl Optimizer for Sgd {
     }
 
     fn state_bytes(&self) -> usize {
-        self.velocity.values().map(|v| v.len() * 4).sum()
+        self.velocity.values().map(ParamState::bytes).sum()
     }
 }

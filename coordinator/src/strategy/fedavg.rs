@@ -1,5 +1,5 @@
-//! Sparse FedAvg on a fixed mask: the mask is chosen once before round 1 (random, by magnitude
-//! or by SNIP at the configured density; dense at density 1), after the stage-0 pre-training
+//! Sparse FedAvg on a fixed mask: the mask is chosen once before round 1 (random, by magnitude,
+//! by SNIP or by SynFlow at the configured density; dense at density 1), after the stage-0 pre-training
 //! when there is a server set, and every round averages the clients' states weighted by their
 //! sample counts.
 
@@ -8,6 +8,7 @@ use fedtiny_common::aggregate::fedavg;
 use fedtiny_common::mask::MaskSet;
 use fedtiny_common::pruning::{magnitude_masks, random_masks};
 use fedtiny_common::rng;
+use fedtiny_common::synflow::synflow_masks;
 use fedtiny_common::task::{ClientId, LocalTraining, Task, TrainResult};
 
 use super::Strategy;
@@ -69,6 +70,7 @@ impl Strategy for FedAvg {
                     &mut rng::derived(self.seed, "mask", 0),
                 )?,
                 MaskRule::Magnitude => magnitude_masks(&model, self.density)?,
+                MaskRule::Synflow => synflow_masks(&model, self.density, 5)?,
                 MaskRule::Snip => match &self.server {
                     Some((set, _)) => snip_masks(global, set, self.density, 5)?,
                     None => {
@@ -96,6 +98,7 @@ impl Strategy for FedAvg {
             &self.training,
             self.seed,
             &[],
+            fedtiny_common::task::AdjustKind::PrunedTopK,
         ))
     }
 

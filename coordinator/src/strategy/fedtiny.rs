@@ -337,6 +337,7 @@ impl Strategy for FedTiny {
             &self.training,
             self.seed,
             &adjust,
+            fedtiny_common::task::AdjustKind::PrunedTopK,
         ))
     }
 

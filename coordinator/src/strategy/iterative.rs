@@ -75,6 +75,7 @@ impl Strategy for IterativeMagnitude {
             &self.training,
             self.seed,
             &[],
+            fedtiny_common::task::AdjustKind::PrunedTopK,
         ))
     }
 
@@ -114,6 +115,7 @@ mod tests {
                 batch_size: 2,
                 optimizer: Default::default(),
                 augment: None,
+                max_steps: None,
             },
             None,
         );

@@ -6,11 +6,13 @@
 //! coordinator replays it from the checkpointed global model and [`Strategy::state`].
 
 mod blocks;
+mod dynamic;
 mod fedavg;
 mod fedtiny;
 mod iterative;
 
 pub use blocks::adjustment_groups;
+pub use dynamic::{Dynamic, DynamicKind};
 pub use fedavg::{FedAvg, client_seed};
 pub use fedtiny::FedTiny;
 pub use iterative::IterativeMagnitude;
@@ -71,7 +73,7 @@ pub trait Strategy: Send + Sync {
 
 /// One training task per client: the global model (masks attached later by the engine when the
 /// client lacks them), the local-training settings, the client's seed for the round, and the
-/// adjustment request (empty outside FedTiny's adjustment rounds).
+/// adjustment request (empty outside adjustment rounds) with its kind.
 pub fn train_tasks(
     round: u64,
     global: &GlobalModel,
@@ -79,6 +81,7 @@ pub fn train_tasks(
     training: &fedtiny_common::task::LocalTraining,
     seed: u64,
     adjust: &[(String, usize)],
+    adjust_kind: fedtiny_common::task::AdjustKind,
 ) -> Vec<(ClientId, Task)> {
     clients
         .iter()
@@ -94,6 +97,7 @@ pub fn train_tasks(
                 training: training.clone(),
                 seed: client_seed(seed, c, round),
                 adjust: adjust.to_vec(),
+                adjust_kind,
             });
             (c.clone(), task)
         })
@@ -125,6 +129,25 @@ pub fn build(
             cfg.training.clone(),
             cfg.stage0.clone(),
             server,
+        )),
+        StrategyKind::Prunefl | StrategyKind::Feddst => Box::new(Dynamic::new(
+            if cfg.strategy.kind == StrategyKind::Prunefl {
+                DynamicKind::PruneFl
+            } else {
+                DynamicKind::FedDst
+            },
+            FedAvg::new(
+                cfg.run.seed,
+                cfg.mask.density,
+                cfg.mask.rule,
+                cfg.training.clone(),
+            )
+            .with_server_set(server, epochs),
+            cfg.run.seed,
+            cfg.training.clone(),
+            cfg.fedtiny.alpha,
+            cfg.fedtiny.adjust_every,
+            cfg.fedtiny.t_end(cfg.run.rounds),
         )),
         StrategyKind::IterativeMagnitude => Box::new(IterativeMagnitude::new(
             cfg.run.seed,

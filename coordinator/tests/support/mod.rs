@@ -454,6 +454,7 @@ pub fn fabricate(task: &Task, num_samples: usize) -> TaskResult {
         seconds: 0.01,
         peak_rss_bytes: None,
         topk: Vec::new(),
+        masks: Vec::new(),
     })
 }
 

@@ -94,6 +94,7 @@ pub fn training() -> LocalTraining {
             crop_padding: 2,
             horizontal_flip: false,
         }),
+        max_steps: None,
     }
 }
 
@@ -113,6 +114,7 @@ pub fn train_task(model: &Model, masks: &MaskSet, send_masks: bool) -> Task {
         training: training(),
         seed: 0xDEAD_BEEF,
         adjust: Vec::new(),
+        adjust_kind: Default::default(),
     })
 }
 
@@ -137,6 +139,7 @@ pub fn train_result(model: &Model, masks: &MaskSet) -> TaskResult {
         seconds: 12.5,
         peak_rss_bytes: Some(123 << 20),
         topk: Vec::new(),
+        masks: Vec::new(),
     })
 }
 

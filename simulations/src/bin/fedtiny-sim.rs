@@ -43,6 +43,10 @@ enum Command {
         /// Override output.dir.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Continue in this existing experiment folder: finished runs are read back, the rest
+        /// (or newly added methods, densities, seeds) run.
+        #[arg(long)]
+        resume: Option<PathBuf>,
     },
     /// Print the per-round metrics of a federated run folder.
     Report {
@@ -209,7 +213,8 @@ fn main() -> Result<()> {
             config,
             data_dir,
             out,
-        } => run_experiment(config, data_dir, out),
+            resume,
+        } => run_experiment(config, data_dir, out, resume),
         Command::Report { run_dir } => {
             print_rounds(&run_dir.join("metrics.jsonl"))?;
             let summary = run_dir.join("summary.json");
@@ -565,6 +570,7 @@ fn run_experiment(
     config: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     out: Option<PathBuf>,
+    resume: Option<PathBuf>,
 ) -> Result<()> {
     use fedtiny_simulations::experiment::{self, DEFAULT_EXPERIMENT, ExperimentConfig};
     let (text, origin) = match &config {
@@ -590,12 +596,12 @@ fn run_experiment(
     let (train, test) = federated::load_data(&cfg.base).context("loading data")?;
     let runs = cfg.runs().len();
     println!(
-        "experiment {}: {} runs ({} methods x {} densities x {} seeds), {} rounds each",
+        "experiment {}: {} runs ({} methods, densities {:?}, seeds {:?}), {} rounds each",
         cfg.experiment.name,
         runs,
         cfg.experiment.methods.len(),
-        cfg.experiment.densities.len(),
-        cfg.experiment.seeds.len(),
+        cfg.experiment.densities,
+        cfg.experiment.seeds,
         cfg.base.federation.run.rounds
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -612,16 +618,31 @@ fn run_experiment(
                 let _ = tx.send(true);
             }
         });
-        experiment::run(&cfg, train, test, rx, &mut |i, n, r| {
-            println!(
-                "[{i}/{n}] {} d={} seed {}: accuracy {:.2}%  ({:.0} s elapsed)",
-                r.method.name(),
-                r.density,
-                r.seed,
-                100.0 * r.accuracy,
-                started.elapsed().as_secs_f64()
-            );
-        })
+        experiment::run(
+            &cfg,
+            resume.as_deref(),
+            train,
+            test,
+            rx,
+            &mut |i, n, r, reused| {
+                println!(
+                    "[{i}/{n}] {} d={} seed {}: accuracy {:.2}%  ({})",
+                    r.method.name(),
+                    r.density,
+                    r.seed,
+                    100.0 * r.accuracy,
+                    if reused {
+                        "finished earlier, read back".to_string()
+                    } else {
+                        format!(
+                            "{:.0} s, {:.0} s elapsed",
+                            r.seconds,
+                            started.elapsed().as_secs_f64()
+                        )
+                    }
+                );
+            },
+        )
         .await
     })?;
     let table = std::fs::read_to_string(dir.path().join("results.md"))?;

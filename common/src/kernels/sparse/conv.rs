@@ -252,6 +252,7 @@ impl ConvPlan {
         let (g, cols, l) = (&self.g, w.cols(), &self.layout);
         let pixels = g.oh * g.ow;
         check("weight rows", l.rows(), w.rows())?;
+        products::check_columns(w)?;
         check("input", g.n * g.image_len(), x.len())?;
         check("output", g.n * pixels * cols, y.len())?;
         if let Some(b) = bias {
@@ -287,6 +288,32 @@ impl ConvPlan {
         dy: &[f32],
         dx: Option<&mut [f32]>,
         dw: Option<&mut [f32]>,
+        partials: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.backward_into(w, s, dy, dx, dw.map(WeightGrad::Dense), partials)
+    }
+
+    /// [`ConvPlan::backward`] with the weight gradient written one value per active entry, in
+    /// mask order (`w.nnz()` values): the same sums, without a dense matrix.
+    pub fn backward_active(
+        &self,
+        w: &SparseWeight,
+        s: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: Option<&mut [f32]>,
+        partials: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.backward_into(w, s, dy, dx, dw.map(WeightGrad::Active), partials)
+    }
+
+    fn backward_into(
+        &self,
+        w: &SparseWeight,
+        s: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: Option<WeightGrad<'_>>,
         partials: &mut Vec<f32>,
     ) -> Result<()> {
         let (g, cols, l) = (&self.g, w.cols(), &self.layout);
@@ -354,11 +381,22 @@ impl ConvPlan {
                     }
                 }
             });
-        if let Some(dw) = dw {
-            w.scatter_csr_sum(partials, if want_dw { tasks } else { 0 }, dw)?;
+        let parts = if want_dw { tasks } else { 0 };
+        match dw {
+            Some(WeightGrad::Dense(dw)) => w.scatter_csr_sum(partials, parts, dw)?,
+            Some(WeightGrad::Active(dw)) => w.sum_parts(partials, parts, dw)?,
+            None => {}
         }
         Ok(())
     }
+}
+
+/// Where [`ConvPlan::backward_into`] writes the weight gradient.
+enum WeightGrad<'a> {
+    /// The dense matrix, zero at inactive positions.
+    Dense(&'a mut [f32]),
+    /// One value per active entry, in mask order.
+    Active(&'a mut [f32]),
 }
 
 /// Per-task buffers of [`ConvPlan::backward`].

@@ -153,6 +153,18 @@ impl MatrixPlan {
         products::weight_grad(self.isa, &self.layout, w, s, dt, g)?;
         w.scatter_csr(g, dw)
     }
+
+    /// [`MatrixPlan::weight_grad`] written one value per active entry, in mask order, into
+    /// `out` (`w.nnz()` values, overwritten): the same sums, without a dense matrix.
+    pub fn weight_grad_active(
+        &self,
+        w: &SparseWeight,
+        s: &[f32],
+        dt: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        products::weight_grad(self.isa, &self.layout, w, s, dt, out)
+    }
 }
 
 /// Zeroes positions `rows..panel` of every run of a packed block (the panel's padding).

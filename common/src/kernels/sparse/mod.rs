@@ -1,12 +1,15 @@
 //! Sparse execution of conv and linear layers: costs that fall with density.
 //!
-//! A masked weight `W[K, N]` is compressed into a [`SparseWeight`] (CSC and CSR over the active
-//! entries; the pattern is rebuilt only when the mask changes, the values are re-gathered every
-//! step). The three products a training step needs touch only active entries:
+//! A masked weight `W[K, N]` is compressed into a [`SparseWeight`] (CSR and CSC over the active
+//! entries; the pattern is rebuilt only when the mask changes). Its mask-ordered values are
+//! either the parameter's own storage (lean storage, see [`crate::param`]) or re-gathered from
+//! the dense values every step. The three products a training step needs touch only active
+//! entries:
 //!
 //! - forward `Y[M, N] (+)= X[M, K]·W`,
 //! - input gradient `dX[M, K] = dY[M, N]·Wᵀ`,
-//! - weight gradient `dW[k, n] = Σ_m X[m, k]·dY[m, n]` at active `(k, n)`, zero elsewhere.
+//! - weight gradient `dW[k, n] = Σ_m X[m, k]·dY[m, n]` at active `(k, n)`, zero elsewhere (or
+//!   one value per active entry, in mask order, for lean storage).
 //!
 //! The dense operand is never indexed element by element: it is packed so that each weight row
 //! `k` is a contiguous run (see [`Layout`]), and each active entry becomes one vectorised

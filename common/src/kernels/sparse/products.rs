@@ -44,6 +44,20 @@ fn check_weight(l: &Layout, w: &SparseWeight) -> Result<()> {
     check("weight rows", l.rows(), w.rows())
 }
 
+/// Fails when the column copy of the weight's values is out of date (the forward product reads
+/// it; see [`SparseWeight::sync_columns`]).
+pub(super) fn check_columns(w: &SparseWeight) -> Result<()> {
+    if w.is_stale() {
+        return Err(Error::StateMismatch(
+            "sparse weight: column values are out of date (sync_columns not called)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Entries per call of the weight-gradient dot products whose rows are looked up together.
+const ROWS_CHUNK: usize = 64;
+
 /// Items per rayon task so that a task holds at least ~`target` multiply-adds.
 fn min_items(per_item: usize, target: usize) -> usize {
     (target / per_item.max(1)).max(1)
@@ -60,7 +74,7 @@ pub(super) fn forward_block(isa: Isa, l: &Layout, w: &SparseWeight, s: &[f32], t
 /// Row `n` of one block of the forward product.
 #[inline]
 fn column(isa: Isa, l: &Layout, w: &SparseWeight, s: &[f32], n: usize, row: &mut [f32]) {
-    let (lo, hi) = (w.col_ptr[n], w.col_ptr[n + 1]);
+    let (lo, hi) = (w.col_ptr[n] as usize, w.col_ptr[n + 1] as usize);
     simd::gather_rows(
         isa,
         row,
@@ -86,7 +100,7 @@ fn region_grad(isa: Isa, l: &Layout, w: &SparseWeight, dt: &[f32], g: usize, reg
     region.fill(0.0);
     for &k in l.group(g) {
         let k = k as usize;
-        let (lo, hi) = (w.row_ptr[k], w.row_ptr[k + 1]);
+        let (lo, hi) = (w.row_ptr[k] as usize, w.row_ptr[k + 1] as usize);
         if lo < hi {
             simd::gather_cols(
                 isa,
@@ -110,17 +124,24 @@ pub(super) fn weight_grad_block(
     dt: &[f32],
     lanes: &mut [simd::Lanes],
 ) {
-    simd::dots(
-        isa,
-        lanes,
-        &w.row_row,
-        &w.row_col,
-        s,
-        dt,
-        &l.row_off,
-        l.out_len,
-        0..l.out_len,
-    );
+    let mut ks = [0u32; ROWS_CHUNK];
+    for (c, lanes) in lanes.chunks_mut(ROWS_CHUNK).enumerate() {
+        let e0 = c * ROWS_CHUNK;
+        let ks = &mut ks[..lanes.len()];
+        w.entry_rows(e0, ks);
+        let ns = &w.row_col[e0..][..lanes.len()];
+        simd::dots(
+            isa,
+            lanes,
+            ks,
+            ns,
+            s,
+            dt,
+            &l.row_off,
+            l.out_len,
+            0..l.out_len,
+        );
+    }
 }
 
 /// The forward product into `out` (`[blocks][N][out_len]`, overwritten).
@@ -132,6 +153,7 @@ pub(super) fn forward(
     out: &mut [f32],
 ) -> Result<()> {
     check_weight(l, w)?;
+    check_columns(w)?;
     check("source", l.src_len(), src.len())?;
     check("result", l.out_size(w.cols()), out.len())?;
     let (len, cols, block) = (l.out_len, w.cols(), l.block_len());
@@ -202,7 +224,10 @@ pub(super) fn weight_grad(
             .enumerate()
             .for_each(|(c, acc)| {
                 let e0 = c * DW_CHUNK;
-                let (ks, ns) = (&w.row_row[e0..][..acc.len()], &w.row_col[e0..][..acc.len()]);
+                let mut ks = [0u32; DW_CHUNK];
+                let ks = &mut ks[..acc.len()];
+                w.entry_rows(e0, ks);
+                let ns = &w.row_col[e0..][..acc.len()];
                 let mut lanes = [[0.0f32; LANES]; DW_CHUNK];
                 let lanes = &mut lanes[..acc.len()];
                 for b in b0..b1 {

@@ -1,108 +1,132 @@
 //! A masked `[K, N]` weight in compressed form, indexed both by column and by row.
 
+use std::sync::Arc;
+
 use crate::mask::Mask;
 use crate::{Error, Result};
 
 /// The active entries of a masked `[K, N]` weight (row-major, `K = fan_in`, `N = fan_out`),
-/// stored twice: by column `n` (CSC, for the forward product) and by row `k` (CSR, for the input
-/// and weight gradients).
+/// indexed by row `k` (CSR, for the input and weight gradients) and by column `n` (CSC, for the
+/// forward product).
 ///
-/// The sparsity pattern is built once per mask ([`SparseWeight::new`]); the values change every
-/// optimizer step and are refreshed by a gather through stored indices
-/// ([`SparseWeight::refresh`], `O(active)`). [`SparseWeight::sync`] does whichever is needed.
+/// The CSR values ([`SparseWeight::values`]) are in the mask's order (ascending dense index
+/// `k·N + n`), which makes them usable as the parameter's own storage: a lean parameter
+/// ([`crate::param::Param`]) keeps its values here and nowhere else. The CSC values are a copy
+/// in column order that [`SparseWeight::sync_columns`] rebuilds after the values change (an
+/// `O(active)` scatter); the forward product refuses to run on stale column values.
+///
+/// Memory per active entry: two values (CSR and CSC) and two `u32` indices (the column of each
+/// CSR entry, the row of each CSC entry); plus `K + N + 2` `u32` offsets and the mask (shared
+/// through an [`Arc`], not copied). The row of a CSR entry is found from the row offsets.
 #[derive(Clone, Debug)]
 pub struct SparseWeight {
     rows: usize,
     cols: usize,
-    /// The mask the pattern was built from (for change detection).
-    pattern: Mask,
+    /// The mask the pattern was built from (shared with the parameter that owns it).
+    pattern: Arc<Mask>,
     /// CSC: entries of column `n` are `col_ptr[n]..col_ptr[n + 1]`, ascending in `k`.
-    pub(super) col_ptr: Vec<usize>,
+    pub(super) col_ptr: Vec<u32>,
     /// CSC: the row `k` of each entry.
     pub(super) col_row: Vec<u32>,
-    /// CSC: the value of each entry.
+    /// CSC: the value of each entry (a copy of the CSR values, see `stale`).
     pub(super) col_val: Vec<f32>,
-    /// CSC: the dense index `k·N + n` of each entry.
-    col_src: Vec<u32>,
     /// CSR: entries of row `k` are `row_ptr[k]..row_ptr[k + 1]`, ascending in `n`.
-    pub(super) row_ptr: Vec<usize>,
-    /// CSR: the row `k` of each entry.
-    pub(super) row_row: Vec<u32>,
+    pub(super) row_ptr: Vec<u32>,
     /// CSR: the column `n` of each entry.
     pub(super) row_col: Vec<u32>,
-    /// CSR: the value of each entry.
+    /// CSR: the value of each entry, in mask order (the canonical values).
     pub(super) row_val: Vec<f32>,
-    /// CSR: the dense index `k·N + n` of each entry (ascending: CSR order is the mask's order).
-    row_src: Vec<u32>,
+    /// True when `row_val` may have changed since `col_val` was last rebuilt.
+    stale: bool,
 }
 
 impl SparseWeight {
-    /// Compresses the active entries of `values` (a row-major `[rows, cols]` matrix) under `mask`.
-    pub fn new(values: &[f32], mask: &Mask, rows: usize, cols: usize) -> Result<Self> {
+    /// The pattern of `mask` over a row-major `[rows, cols]` matrix, with every value zero.
+    pub fn pattern(mask: Arc<Mask>, rows: usize, cols: usize) -> Result<Self> {
         let len = rows
             .checked_mul(cols)
             .filter(|&l| u32::try_from(l).is_ok())
             .ok_or_else(|| Error::shape("sparse weight", "at most 2^32 elements", (rows, cols)))?;
-        if values.len() != len || mask.len() != len {
+        if mask.len() != len {
             return Err(Error::shape(
                 "sparse weight",
-                format!("{len} values and mask bits for [{rows}, {cols}]"),
-                (values.len(), mask.len()),
+                format!("{len} mask bits for [{rows}, {cols}]"),
+                mask.len(),
             ));
         }
         let nnz = mask.active();
-        let mut row_ptr = vec![0usize; rows + 1];
-        let mut col_count = vec![0usize; cols + 1];
-        let mut row_row = Vec::with_capacity(nnz);
+        let mut row_ptr = vec![0u32; rows + 1];
+        let mut col_ptr = vec![0u32; cols + 1];
         let mut row_col = Vec::with_capacity(nnz);
-        let mut row_src = Vec::with_capacity(nnz);
         for i in mask.iter_active() {
             let (k, n) = (i / cols, i % cols);
+            // All counts and indices fit in u32: i < rows·cols ≤ u32::MAX, checked above.
             row_ptr[k + 1] += 1;
-            col_count[n + 1] += 1;
-            // Both fit in u32: i < rows·cols ≤ u32::MAX, checked above.
-            row_row.push(k as u32);
+            col_ptr[n + 1] += 1;
             row_col.push(n as u32);
-            row_src.push(i as u32);
         }
         for k in 0..rows {
             row_ptr[k + 1] += row_ptr[k];
         }
         for n in 0..cols {
-            col_count[n + 1] += col_count[n];
+            col_ptr[n + 1] += col_ptr[n];
         }
-        let col_ptr = col_count.clone();
         // Counting sort of the CSR entries (ascending k) into columns keeps k ascending in each.
-        let mut next = col_count;
+        let mut next = col_ptr.clone();
         let mut col_row = vec![0u32; nnz];
-        let mut col_src = vec![0u32; nnz];
-        for e in 0..nnz {
-            let n = row_col[e] as usize;
-            let slot = next[n];
-            next[n] += 1;
-            col_row[slot] = row_row[e];
-            col_src[slot] = row_src[e];
+        for k in 0..rows {
+            let (lo, hi) = (row_ptr[k] as usize, row_ptr[k + 1] as usize);
+            for &n in &row_col[lo..hi] {
+                let slot = &mut next[n as usize];
+                col_row[*slot as usize] = k as u32;
+                *slot += 1;
+            }
         }
-        let mut w = SparseWeight {
+        Ok(SparseWeight {
             rows,
             cols,
-            pattern: mask.clone(),
+            pattern: mask,
             col_ptr,
             col_row,
             col_val: vec![0.0; nnz],
-            col_src,
             row_ptr,
-            row_row,
             row_col,
             row_val: vec![0.0; nnz],
-            row_src,
-        };
+            stale: false,
+        })
+    }
+
+    /// Compresses the active entries of `values` (a row-major `[rows, cols]` matrix) under `mask`.
+    pub fn new(values: &[f32], mask: &Mask, rows: usize, cols: usize) -> Result<Self> {
+        Self::from_dense(values, Arc::new(mask.clone()), rows, cols)
+    }
+
+    /// [`SparseWeight::new`] with a shared mask.
+    pub fn from_dense(values: &[f32], mask: Arc<Mask>, rows: usize, cols: usize) -> Result<Self> {
+        let mut w = Self::pattern(mask, rows, cols)?;
         w.refresh(values)?;
         Ok(w)
     }
 
-    /// Re-reads the values of the active entries from `values` (same pattern): a gather of
-    /// `2·active` elements.
+    /// The pattern of `mask` with the given active values (in mask order).
+    pub fn from_active(
+        values: Vec<f32>,
+        mask: Arc<Mask>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        let mut w = Self::pattern(mask, rows, cols)?;
+        if values.len() != w.nnz() {
+            return Err(Error::shape("sparse weight values", w.nnz(), values.len()));
+        }
+        w.row_val = values;
+        w.stale = true;
+        w.sync_columns();
+        Ok(w)
+    }
+
+    /// Re-reads the values of the active entries from the dense `values` (same pattern): a
+    /// gather of `active` elements, then [`SparseWeight::sync_columns`].
     pub fn refresh(&mut self, values: &[f32]) -> Result<()> {
         if values.len() != self.rows * self.cols {
             return Err(Error::shape(
@@ -111,13 +135,35 @@ impl SparseWeight {
                 values.len(),
             ));
         }
-        for (v, &i) in self.col_val.iter_mut().zip(&self.col_src) {
-            *v = values[i as usize];
+        let cols = self.cols;
+        for k in 0..self.rows {
+            let (lo, hi) = (self.row_ptr[k] as usize, self.row_ptr[k + 1] as usize);
+            let row = &values[k * cols..(k + 1) * cols];
+            for (v, &n) in self.row_val[lo..hi].iter_mut().zip(&self.row_col[lo..hi]) {
+                *v = row[n as usize];
+            }
         }
-        for (v, &i) in self.row_val.iter_mut().zip(&self.row_src) {
-            *v = values[i as usize];
-        }
+        self.stale = true;
+        self.sync_columns();
         Ok(())
+    }
+
+    /// Rebuilds the column-ordered copy of the values (needed by the forward product) after
+    /// [`SparseWeight::values_mut`]; does nothing when it is up to date.
+    pub fn sync_columns(&mut self) {
+        if !self.stale {
+            return;
+        }
+        let mut next: Vec<u32> = self.col_ptr[..self.cols].to_vec();
+        for k in 0..self.rows {
+            let (lo, hi) = (self.row_ptr[k] as usize, self.row_ptr[k + 1] as usize);
+            for (&v, &n) in self.row_val[lo..hi].iter().zip(&self.row_col[lo..hi]) {
+                let slot = &mut next[n as usize];
+                self.col_val[*slot as usize] = v;
+                *slot += 1;
+            }
+        }
+        self.stale = false;
     }
 
     /// Brings the compressed weight up to date with `values` under `mask`: rebuilds the pattern
@@ -131,7 +177,7 @@ impl SparseWeight {
         cols: usize,
     ) -> Result<()> {
         match this {
-            Some(w) if w.rows == rows && w.cols == cols && w.pattern == *mask => w.refresh(values),
+            Some(w) if w.rows == rows && w.cols == cols && *w.pattern == *mask => w.refresh(values),
             _ => {
                 *this = Some(SparseWeight::new(values, mask, rows, cols)?);
                 Ok(())
@@ -151,12 +197,73 @@ impl SparseWeight {
 
     /// Active entries.
     pub fn nnz(&self) -> usize {
-        self.row_src.len()
+        self.row_col.len()
     }
 
     /// The mask the pattern was built from.
     pub fn mask(&self) -> &Mask {
         &self.pattern
+    }
+
+    /// The mask the pattern was built from, shared.
+    pub fn shared_mask(&self) -> &Arc<Mask> {
+        &self.pattern
+    }
+
+    /// The values of the active entries, in mask order (ascending dense index).
+    pub fn values(&self) -> &[f32] {
+        &self.row_val
+    }
+
+    /// The values of the active entries, mutably, in mask order. Marks the column copy stale:
+    /// call [`SparseWeight::sync_columns`] before the next forward product.
+    pub fn values_mut(&mut self) -> &mut [f32] {
+        self.stale = true;
+        &mut self.row_val
+    }
+
+    /// Takes the values out (mask order), leaving the weight without values.
+    pub fn into_values(self) -> Vec<f32> {
+        self.row_val
+    }
+
+    /// Whether the column copy of the values is out of date.
+    pub fn is_stale(&self) -> bool {
+        self.stale
+    }
+
+    /// Bytes held by the index arrays (row and column offsets, one index per entry per order).
+    pub fn index_bytes(&self) -> usize {
+        4 * (self.col_ptr.len() + self.col_row.len() + self.row_ptr.len() + self.row_col.len())
+    }
+
+    /// Bytes held by the values (the mask-ordered values and their column-ordered copy).
+    pub fn value_bytes(&self) -> usize {
+        4 * (self.row_val.len() + self.col_val.len())
+    }
+
+    /// Calls `f(e, i)` for every entry `e` (CSR order) with its dense index `i = k·N + n`.
+    fn for_each_entry(&self, mut f: impl FnMut(usize, usize)) {
+        for k in 0..self.rows {
+            for e in self.row_ptr[k] as usize..self.row_ptr[k + 1] as usize {
+                f(e, k * self.cols + self.row_col[e] as usize);
+            }
+        }
+    }
+
+    /// Writes the rows `k` of the CSR entries `e0..e0 + out.len()` into `out`.
+    pub(super) fn entry_rows(&self, e0: usize, out: &mut [u32]) {
+        if out.is_empty() {
+            return;
+        }
+        // The last row whose entries start at or before e0 (row_ptr[0] = 0 ≤ e0).
+        let mut k = self.row_ptr.partition_point(|&p| p as usize <= e0) - 1;
+        for (j, o) in out.iter_mut().enumerate() {
+            while self.row_ptr[k + 1] as usize <= e0 + j {
+                k += 1;
+            }
+            *o = k as u32;
+        }
     }
 
     /// Writes per-entry values given in CSR order (as the weight-gradient kernels produce them) into a dense row-major `[K, N]` matrix, with zeros at inactive positions.
@@ -169,8 +276,23 @@ impl SparseWeight {
             ));
         }
         dense.fill(0.0);
-        for (&v, &i) in sparse.iter().zip(&self.row_src) {
-            dense[i as usize] = v;
+        self.for_each_entry(|e, i| dense[i] = sparse[e]);
+        Ok(())
+    }
+
+    /// Sums `parts` consecutive per-entry vectors (added in order, each entry from 0) into
+    /// `out`, one value per entry in CSR order.
+    pub fn sum_parts(&self, sums: &[f32], parts: usize, out: &mut [f32]) -> Result<()> {
+        let nnz = self.nnz();
+        if sums.len() != parts * nnz || out.len() != nnz {
+            return Err(Error::shape(
+                "sparse sum",
+                (parts * nnz, nnz),
+                (sums.len(), out.len()),
+            ));
+        }
+        for (e, o) in out.iter_mut().enumerate() {
+            *o = (0..parts).fold(0.0, |acc, p| acc + sums[p * nnz + e]);
         }
         Ok(())
     }
@@ -187,9 +309,9 @@ impl SparseWeight {
             ));
         }
         dense.fill(0.0);
-        for (e, &i) in self.row_src.iter().enumerate() {
-            dense[i as usize] = (0..parts).fold(0.0, |acc, p| acc + sums[p * nnz + e]);
-        }
+        self.for_each_entry(|e, i| {
+            dense[i] = (0..parts).fold(0.0, |acc, p| acc + sums[p * nnz + e]);
+        });
         Ok(())
     }
 }
@@ -197,6 +319,12 @@ impl SparseWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rows_of(w: &SparseWeight) -> Vec<u32> {
+        let mut ks = vec![0u32; w.nnz()];
+        w.entry_rows(0, &mut ks);
+        ks
+    }
 
     #[test]
     fn both_orders_hold_every_active_entry() {
@@ -206,27 +334,66 @@ mod tests {
         let w = SparseWeight::new(&values, &mask, k, n).unwrap();
         assert_eq!(w.nnz(), mask.active());
         for c in 0..n {
-            let rows: Vec<u32> = w.col_row[w.col_ptr[c]..w.col_ptr[c + 1]].to_vec();
+            let (lo, hi) = (w.col_ptr[c] as usize, w.col_ptr[c + 1] as usize);
+            let rows: Vec<u32> = w.col_row[lo..hi].to_vec();
             let want: Vec<u32> = (0..k)
                 .filter(|r| mask.get(r * n + c))
                 .map(|r| r as u32)
                 .collect();
             assert_eq!(rows, want);
-            for e in w.col_ptr[c]..w.col_ptr[c + 1] {
+            for e in lo..hi {
                 assert_eq!(w.col_val[e], values[w.col_row[e] as usize * n + c]);
             }
         }
+        let ks = rows_of(&w);
         for r in 0..k {
-            for e in w.row_ptr[r]..w.row_ptr[r + 1] {
-                assert_eq!(w.row_row[e] as usize, r);
+            for e in w.row_ptr[r] as usize..w.row_ptr[r + 1] as usize {
+                assert_eq!(ks[e] as usize, r);
                 assert_eq!(w.row_val[e], values[r * n + w.row_col[e] as usize]);
             }
         }
+        // Entry rows from any starting entry.
+        for e0 in 0..w.nnz() {
+            let mut part = vec![0u32; w.nnz() - e0];
+            w.entry_rows(e0, &mut part);
+            assert_eq!(part, ks[e0..]);
+        }
+        // CSR order is mask order.
+        let active: Vec<f32> = mask.iter_active().map(|i| values[i]).collect();
+        assert_eq!(w.values(), active.as_slice());
         let mut dense = vec![f32::NAN; k * n];
-        w.scatter_csr(&w.row_val.clone(), &mut dense).unwrap();
+        w.scatter_csr(w.values(), &mut dense).unwrap();
         for i in 0..k * n {
             assert_eq!(dense[i], if mask.get(i) { values[i] } else { 0.0 });
         }
+    }
+
+    #[test]
+    fn values_set_in_mask_order_reach_the_columns() {
+        let (k, n) = (6, 4);
+        let mask = Arc::new(Mask::from_fn(k * n, |i| i % 5 != 1));
+        let vals: Vec<f32> = (0..mask.active()).map(|e| e as f32 * 0.25 - 2.0).collect();
+        let mut w = SparseWeight::from_active(vals.clone(), mask.clone(), k, n).unwrap();
+        let mut dense = vec![0.0; k * n];
+        w.scatter_csr(&vals, &mut dense).unwrap();
+        let reference = SparseWeight::new(&dense, &mask, k, n).unwrap();
+        assert_eq!(w.col_val, reference.col_val);
+        w.values_mut()[3] = 100.0;
+        assert!(w.is_stale());
+        w.sync_columns();
+        assert!(!w.is_stale());
+        dense[mask.iter_active().nth(3).unwrap()] = 100.0;
+        let reference = SparseWeight::new(&dense, &mask, k, n).unwrap();
+        assert_eq!(w.col_val, reference.col_val);
+        assert!(Arc::ptr_eq(w.shared_mask(), &mask));
+        assert!(SparseWeight::from_active(vec![0.0; 2], mask, k, n).is_err());
+        let parts: Vec<f32> = (0..2 * w.nnz()).map(|i| i as f32).collect();
+        let mut summed = vec![0.0; w.nnz()];
+        w.sum_parts(&parts, 2, &mut summed).unwrap();
+        w.scatter_csr_sum(&parts, 2, &mut dense).unwrap();
+        let mut scattered = vec![0.0; k * n];
+        w.scatter_csr(&summed, &mut scattered).unwrap();
+        assert_eq!(dense, scattered);
     }
 
     #[test]
