@@ -49,8 +49,11 @@ pub struct BenchOptions {
     /// Optimizer used in each step.
     pub optimizer: OptimizerConfig,
     /// Densities of the prunable tensors to measure, each in (0, 1]; 1 (the dense reference)
-    /// is added if missing.
+    /// is added if missing, unless `only_listed`.
     pub densities: Vec<f64>,
+    /// Measure only the listed densities (speed-ups are then relative to the densest one), so
+    /// that a process's peak memory reflects just those, e.g. one sparse case.
+    pub only_listed: bool,
 }
 
 /// One model's measurement at one density.
@@ -85,7 +88,7 @@ pub struct BenchRow {
 /// Measures every model in `opts.archs` at every density, calling `on_row` after each row.
 pub fn run(opts: &BenchOptions, on_row: &mut dyn FnMut(&BenchRow)) -> Result<Vec<BenchRow>> {
     let pool = parallel::thread_pool(opts.threads)?;
-    let densities = sweep(&opts.densities)?;
+    let densities = sweep(&opts.densities, !opts.only_listed)?;
     let mut rows = Vec::new();
     for &arch in &opts.archs {
         let spec = ModelSpec::new(arch, opts.input, opts.classes, opts.width)?;
@@ -98,9 +101,13 @@ pub fn run(opts: &BenchOptions, on_row: &mut dyn FnMut(&BenchRow)) -> Result<Vec
     Ok(rows)
 }
 
-/// The densities to measure: validated, deduplicated, descending, with 1 first.
-fn sweep(densities: &[f64]) -> Result<Vec<f64>> {
-    let mut out = vec![1.0];
+/// The densities to measure: validated, deduplicated, descending, with 1 first when
+/// `with_dense`.
+fn sweep(densities: &[f64], with_dense: bool) -> Result<Vec<f64>> {
+    let mut out = if with_dense { vec![1.0] } else { Vec::new() };
+    if densities.is_empty() && out.is_empty() {
+        return Err(fedtiny_common::Error::InvalidConfig("no density to measure".into()).into());
+    }
     for &d in densities {
         check_density(d)?;
         if !out.contains(&d) {
@@ -233,10 +240,12 @@ mod tests {
 
     #[test]
     fn sweep_adds_the_dense_reference_and_orders_densities() {
-        assert_eq!(sweep(&[0.1, 0.5, 0.1]).unwrap(), vec![1.0, 0.5, 0.1]);
-        assert_eq!(sweep(&[]).unwrap(), vec![1.0]);
-        assert!(sweep(&[0.0]).is_err());
-        assert!(sweep(&[1.5]).is_err());
+        assert_eq!(sweep(&[0.1, 0.5, 0.1], true).unwrap(), vec![1.0, 0.5, 0.1]);
+        assert_eq!(sweep(&[], true).unwrap(), vec![1.0]);
+        assert!(sweep(&[0.0], true).is_err());
+        assert!(sweep(&[1.5], true).is_err());
+        assert_eq!(sweep(&[0.1, 0.01], false).unwrap(), vec![0.1, 0.01]);
+        assert!(sweep(&[], false).is_err());
     }
 
     #[test]
@@ -254,6 +263,7 @@ mod tests {
             seed: 1,
             optimizer: OptimizerConfig::default(),
             densities: vec![0.1],
+            only_listed: false,
         };
         let mut seen = 0;
         let rows = run(&opts, &mut |_| seen += 1).unwrap();

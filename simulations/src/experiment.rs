@@ -266,14 +266,21 @@ pub struct RunRecord {
     pub accuracy: f64,
     /// Accuracy after each evaluated round.
     pub curve: Vec<(u64, f64)>,
-    /// Training FLOPs per sample at the final masks (`3·f_S`).
+    /// Training FLOPs per sample at the final masks, averaged over the run's steps: `3·f_S`,
+    /// and `2·f_S + f_D` for the steps that need a dense weight gradient (PruneFL's steps in
+    /// adjustment rounds; one step per adjustment round for FedTiny and FedDST, counted as a
+    /// whole-model dense gradient, an upper bound for FedTiny).
     pub train_flops: f64,
     /// Modelled client memory (model state + activations) at the final masks, in bytes.
     pub memory_bytes: u64,
     /// Largest peak RSS a client reported (in process: the simulation's).
     pub peak_rss_bytes: Option<u64>,
-    /// Mean bytes per participating client per round, down and up.
+    /// Mean bytes per participating client per round without a mask change, down and up.
     pub bytes_per_round: (f64, f64),
+    /// All bytes of the run (selection, mask changes and adjustment uploads included) per
+    /// participation in a training round, down and up.
+    #[serde(default)]
+    pub bytes_all_rounds: (f64, f64),
     /// The run folder.
     pub run_dir: String,
     /// Wall-clock seconds of the run's rounds (evaluation included).
@@ -288,9 +295,13 @@ pub struct RunRecord {
 /// holds a finished `summary.json` are read back instead of run again, the others run. The
 /// folder's base config (everything but `[experiment]`) must equal `cfg`'s, so methods, densities
 /// or seeds can be added to a finished sweep without mixing settings.
+///
+/// With `report_only` (and `resume`), nothing runs: the report covers the finished runs only.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     cfg: &ExperimentConfig,
     resume: Option<&std::path::Path>,
+    report_only: bool,
     train: Arc<Dataset>,
     test: Arc<Dataset>,
     stop: watch::Receiver<bool>,
@@ -338,6 +349,9 @@ pub async fn run(
         {
             progress(i + 1, runs.len(), &record, true);
             records.push(record);
+            continue;
+        }
+        if report_only {
             continue;
         }
         let (summary, run_dir) =
@@ -411,16 +425,57 @@ fn record_of(
             .iter()
             .filter_map(|m| m.test_accuracy.map(|a| (m.round, a)))
             .collect(),
-        train_flops: flops.train_sparse(),
+        train_flops: {
+            let f = dense_grad_step_fraction(method, sim);
+            (1.0 - f) * flops.train_sparse() + f * flops.train_sparse_with_dense_grad()
+        },
         memory_bytes: memory.total(),
         peak_rss_bytes: metrics.iter().filter_map(|m| m.client_peak_rss_bytes).max(),
         bytes_per_round: (
             summary.mean_bytes_down_per_client,
             summary.mean_bytes_up_per_client,
         ),
+        bytes_all_rounds: {
+            let n: usize = metrics
+                .iter()
+                .filter(|m| m.round > 0)
+                .map(|m| m.participants)
+                .sum();
+            let n = n.max(1) as f64;
+            (
+                metrics.iter().map(|m| m.bytes_down as f64).sum::<f64>() / n,
+                metrics.iter().map(|m| m.bytes_up as f64).sum::<f64>() / n,
+            )
+        },
         run_dir: run_dir.display().to_string(),
         seconds: metrics.iter().map(|m| m.seconds).sum(),
     })
+}
+
+/// The fraction of a run's local steps that also compute a dense weight gradient.
+fn dense_grad_step_fraction(method: Method, sim: &SimConfig) -> f64 {
+    let f = &sim.federation;
+    let rounds = f.run.rounds.max(1);
+    let t_end = f.fedtiny.t_end(rounds);
+    let adjusting = (1..=rounds)
+        .filter(|&t| {
+            t.is_multiple_of(f.fedtiny.adjust_every.max(1))
+                && t <= t_end
+                && fedtiny_common::fedtiny::alpha_at(f.fedtiny.alpha, t, t_end) > 0.0
+        })
+        .count() as f64
+        / rounds as f64;
+    let steps = f.training.max_steps.unwrap_or(1).max(1) as f64;
+    match method {
+        Method::Prunefl => adjusting,
+        Method::FedavgDense
+        | Method::Random
+        | Method::Magnitude
+        | Method::Snip
+        | Method::Synflow
+        | Method::IterativeMagnitude => 0.0,
+        _ => adjusting / steps,
+    }
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -448,11 +503,11 @@ pub fn write_report(
         (d.train_flops, d.memory_bytes as f64)
     });
     let mut md = String::from(
-        "| method | density | seeds | final accuracy (mean ± sd) | train FLOPs/sample | × dense | client memory (model) | × dense | peak RSS | bytes/round/client down | up | s/run |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| method | density | seeds | final accuracy (mean ± sd) | train FLOPs/sample | × dense | client memory (model) | × dense | peak RSS | bytes/round/client down | up | all rounds down | up | s/run |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut csv = String::from(
-        "method,density,seeds,accuracy_mean,accuracy_sd,train_flops_per_sample,flops_vs_dense,memory_bytes,memory_vs_dense,peak_rss_bytes,bytes_down_per_round,bytes_up_per_round\n",
+        "method,density,seeds,accuracy_mean,accuracy_sd,train_flops_per_sample,flops_vs_dense,memory_bytes,memory_vs_dense,peak_rss_bytes,bytes_down_per_round,bytes_up_per_round,bytes_down_all_rounds,bytes_up_all_rounds,seconds_per_run\n",
     );
     let mut groups: Vec<(Method, f64)> = Vec::new();
     for r in records {
@@ -472,8 +527,11 @@ pub fn write_report(
         let rss = rs.iter().filter_map(|r| r.peak_rss_bytes).max();
         let down = rs.iter().map(|r| r.bytes_per_round.0).sum::<f64>() / rs.len() as f64;
         let up = rs.iter().map(|r| r.bytes_per_round.1).sum::<f64>() / rs.len() as f64;
+        let all_down = rs.iter().map(|r| r.bytes_all_rounds.0).sum::<f64>() / rs.len() as f64;
+        let all_up = rs.iter().map(|r| r.bytes_all_rounds.1).sum::<f64>() / rs.len() as f64;
+        let secs = rs.iter().map(|r| r.seconds).sum::<f64>() / rs.len() as f64;
         md.push_str(&format!(
-            "| {} | {} | {} | {:.2} ± {:.2} % | {:.2} M | {:.3} | {:.2} MiB | {:.3} | {} | {:.0} | {:.0} | {:.0} |\n",
+            "| {} | {} | {} | {:.2} ± {:.2} % | {:.2} M | {:.3} | {:.2} MiB | {:.3} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
             m.name(),
             d,
             rs.len(),
@@ -486,10 +544,12 @@ pub fn write_report(
             rss.map_or("–".into(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)),
             down,
             up,
-            rs.iter().map(|r| r.seconds).sum::<f64>() / rs.len() as f64
+            all_down,
+            all_up,
+            secs
         ));
         csv.push_str(&format!(
-            "{},{},{},{:.6},{:.6},{:.0},{:.6},{:.0},{:.6},{},{:.0},{:.0}\n",
+            "{},{},{},{:.6},{:.6},{:.0},{:.6},{:.0},{:.6},{},{:.0},{:.0},{:.0},{:.0},{:.1}\n",
             m.name(),
             d,
             rs.len(),
@@ -501,7 +561,10 @@ pub fn write_report(
             mem / dense_mem,
             rss.map_or(String::new(), |b| b.to_string()),
             down,
-            up
+            up,
+            all_down,
+            all_up,
+            secs
         ));
     }
     let mut written = vec![
@@ -550,4 +613,44 @@ pub fn write_report(
         written.push(dir.write(&format!("accuracy-d{d}.svg"), svg.as_bytes())?);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ExperimentConfig {
+        let text = include_str!("../configs/experiment-fmnist.toml");
+        ExperimentConfig::from_toml(text, "experiment-fmnist.toml").unwrap()
+    }
+
+    #[test]
+    fn the_sweep_runs_ablations_only_at_their_densities_and_dense_once_per_seed() {
+        let c = config();
+        let runs = c.runs();
+        // 8 sparse methods × 2 densities + dense, and 4 ablations × 1 density, per seed.
+        assert_eq!(runs.len(), 2 * (8 * 2 + 1 + 4));
+        for (m, d, _) in &runs {
+            if m.is_ablation() {
+                assert_eq!(*d, 0.01);
+            }
+            if *m == Method::FedavgDense {
+                assert_eq!(*d, 1.0);
+            }
+        }
+        let mut dup = c.clone();
+        dup.experiment.methods.push(Method::Fedtiny);
+        assert!(dup.validate().is_err());
+    }
+
+    #[test]
+    fn dense_gradient_steps_are_counted_per_method() {
+        let c = config();
+        // ΔT = 10, T_end = 60: rounds 10..=50 adjust (α_60 = 0), 5 of 100; 5 steps per task.
+        let f = |m: Method| dense_grad_step_fraction(m, &m.configure(&c.base, 0.01, 1));
+        assert_eq!(f(Method::Random), 0.0);
+        assert!((f(Method::Prunefl) - 0.05).abs() < 1e-12);
+        assert!((f(Method::Feddst) - 0.01).abs() < 1e-12);
+        assert!((f(Method::Fedtiny) - 0.01).abs() < 1e-12);
+    }
 }

@@ -47,6 +47,9 @@ enum Command {
         /// (or newly added methods, densities, seeds) run.
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// With --resume: run nothing, write the report of the finished runs only.
+        #[arg(long, requires = "resume")]
+        report_only: bool,
     },
     /// Print the per-round metrics of a federated run folder.
     Report {
@@ -168,6 +171,10 @@ struct BenchArgs {
     /// density 1 (the dense reference for the speed-ups) is always measured.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     densities: Vec<f64>,
+    /// Measure only the listed densities (no dense reference; speed-ups relative to the densest
+    /// listed), so that the process's peak RSS, printed at the end, covers just those.
+    #[arg(long)]
+    only_listed: bool,
     /// Reference throughput to compare with, as model=samples_per_sec (repeatable), e.g. the
     /// PyTorch figure measured on the same machine.
     #[arg(long = "reference", value_parser = parse_reference)]
@@ -214,7 +221,8 @@ fn main() -> Result<()> {
             data_dir,
             out,
             resume,
-        } => run_experiment(config, data_dir, out, resume),
+            report_only,
+        } => run_experiment(config, data_dir, out, resume, report_only),
         Command::Report { run_dir } => {
             print_rounds(&run_dir.join("metrics.jsonl"))?;
             let summary = run_dir.join("summary.json");
@@ -417,6 +425,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             seed: 1,
             optimizer: OptimizerConfig::default(),
             densities: a.densities.clone(),
+            only_listed: a.only_listed,
         };
         eprintln!("measuring {arch} (width {width}) ...");
         rows.extend(bench::run(&opts, &mut |r| {
@@ -446,6 +455,12 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     std::fs::write(a.out.join("bench.json"), serde_json::to_vec_pretty(&rows)?)
         .with_context(|| format!("writing {}", a.out.display()))?;
     print!("{header}{md}");
+    if let Some(b) = fedtiny_common::cost::peak_rss_bytes() {
+        println!(
+            "\npeak RSS of this process: {:.1} MiB",
+            b as f64 / f64::from(1 << 20)
+        );
+    }
     Ok(())
 }
 
@@ -571,6 +586,7 @@ fn run_experiment(
     data_dir: Option<PathBuf>,
     out: Option<PathBuf>,
     resume: Option<PathBuf>,
+    report_only: bool,
 ) -> Result<()> {
     use fedtiny_simulations::experiment::{self, DEFAULT_EXPERIMENT, ExperimentConfig};
     let (text, origin) = match &config {
@@ -621,6 +637,7 @@ fn run_experiment(
         experiment::run(
             &cfg,
             resume.as_deref(),
+            report_only,
             train,
             test,
             rx,
