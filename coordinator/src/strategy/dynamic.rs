@@ -118,22 +118,12 @@ fn prunefl_masks(
     results: &[(ClientId, TrainResult)],
     alpha: f64,
 ) -> Result<BTreeMap<String, Mask>> {
-    let total: f64 = results.iter().map(|(_, r)| r.num_samples as f64).sum();
     let mut out = BTreeMap::new();
     for (name, mask) in &global.masks.masks {
         let Some(w) = global.state.entries.get(name) else {
             continue;
         };
-        let mut g: BTreeMap<u32, f64> = BTreeMap::new();
-        for (_, r) in results {
-            let p = r.num_samples as f64 / total;
-            if let Some((_, list)) = r.topk.iter().find(|(n, _)| n == name) {
-                for &(i, v) in list {
-                    *g.entry(i).or_insert(0.0) += p * f64::from(v);
-                }
-            }
-        }
-        let grad: Vec<(u32, f32)> = g.into_iter().map(|(i, v)| (i, v as f32)).collect();
+        let grad = super::aggregate_lists(results, name);
         let k = ((alpha * mask.active() as f64).floor() as usize).min(mask.len() - mask.active());
         let (m, _) = prune_and_grow(&w.values, mask, &grad, k)?;
         out.insert(name.clone(), m);

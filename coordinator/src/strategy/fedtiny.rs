@@ -14,8 +14,6 @@
 //! - The bootstrap scratch (w0, averaged statistics) is not checkpointed: a coordinator stopped
 //!   during the selection redoes it.
 
-use std::collections::BTreeMap;
-
 use fedtiny_common::aggregate::{check_layout, fedavg};
 use fedtiny_common::fedtiny::{adjust_count, alpha_at, model_candidate, prune_and_grow};
 use fedtiny_common::mask::MaskSet;
@@ -357,21 +355,11 @@ impl Strategy for FedTiny {
         if request.is_empty() {
             return Ok(());
         }
-        let total: f64 = results.iter().map(|(_, r)| r.num_samples as f64).sum();
         let mut masks = global.masks.clone();
         let mut adjusted = 0usize;
         for (name, k) in &request {
             // ḡ_i = Σ_k p_k g_{k,i}, 0 where a client did not report i.
-            let mut g: BTreeMap<u32, f64> = BTreeMap::new();
-            for (_, r) in results {
-                let p = r.num_samples as f64 / total;
-                if let Some((_, list)) = r.topk.iter().find(|(n, _)| n == name) {
-                    for &(i, v) in list {
-                        *g.entry(i).or_insert(0.0) += p * f64::from(v);
-                    }
-                }
-            }
-            let grad: Vec<(u32, f32)> = g.into_iter().map(|(i, v)| (i, v as f32)).collect();
+            let grad = super::aggregate_lists(results, name);
             let (Some(mask), Some(w)) = (masks.masks.get(name), global.state.entries.get(name))
             else {
                 continue;

@@ -104,6 +104,22 @@ pub fn train_tasks(
         .collect()
 }
 
+/// The sample-weighted sum `Σ_k p_k v_{k,i}` of the clients' lists for tensor `name` (0 where a
+/// client did not report `i`; `p_k = n_k / Σ n`), ascending by index.
+pub fn aggregate_lists(results: &[(ClientId, TrainResult)], name: &str) -> Vec<(u32, f32)> {
+    let total: f64 = results.iter().map(|(_, r)| r.num_samples as f64).sum();
+    let mut g: std::collections::BTreeMap<u32, f64> = Default::default();
+    for (_, r) in results {
+        let p = r.num_samples as f64 / total;
+        if let Some((_, list)) = r.topk.iter().find(|(n, _)| n == name) {
+            for &(i, v) in list {
+                *g.entry(i).or_insert(0.0) += p * f64::from(v);
+            }
+        }
+    }
+    g.into_iter().map(|(i, v)| (i, v as f32)).collect()
+}
+
 /// Builds the strategy a config names; `server` is the stage-0 server set, when there is one.
 pub fn build(
     cfg: &crate::config::FederatedConfig,
