@@ -419,9 +419,10 @@ mod tests {
     fn footprint_of_a_tiny_cnn_matches_a_hand_count() {
         // Trainable values: conv1 3·3·1·1 = 9, bn1 γ β 2, conv2 3·3·1·2 = 18, bn2 γ β 4,
         // fc1 2·4 + 4 = 12, fc2 4·2 + 2 = 10: 55. Buffers (running mean and variance): 2 + 4.
-        // Cached per sample: conv1 im2col 4·4·9 = 144, bn1 16, relu1 16, pool1 2·2·1 = 4,
-        // conv2 im2col 2·2·9 = 36, bn2 8, relu2 8, pool2 2, flatten 0, fc1 input 2, relu3 4,
-        // fc2 input 4: 244. Largest transient: input + output of conv1, bn1 or relu1, 16 + 16.
+        // Cached per sample: conv1 im2col 4·4·9 = 144, bn1 16, relu1 0 (fused into bn1, it
+        // keeps no copy), pool1 2·2·1 = 4, conv2 im2col 2·2·9 = 36, bn2 8, relu2 0 (fused),
+        // pool2 2, flatten 0, fc1 input 2, relu3 4, fc2 input 4: 220. Largest transient: input +
+        // output of conv1, bn1 or relu1, 16 + 16.
         let f = TrainFootprint::of_spec(&tiny(), None, &adam(), Storage::Dense).unwrap();
         assert_eq!(
             f,

@@ -66,3 +66,11 @@ pub fn into_vec(t: Tensor) -> Vec<f32> {
     }
     t.iter().copied().collect()
 }
+
+/// A buffer of `len` values in the allocation taken from `spare` (left empty), which grows only
+/// when too small. The values are left over from earlier use: the caller overwrites every one.
+pub fn reuse(spare: &mut Vec<f32>, len: usize) -> Vec<f32> {
+    let mut v = std::mem::take(spare);
+    v.resize(len, 0.0);
+    v
+}

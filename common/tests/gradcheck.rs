@@ -368,6 +368,84 @@ fn frozen_batchnorm_gradients() {
     assert_eq!(state_of(a.as_ref()), before);
 }
 
+/// BatchNorm with a fused ReLU against finite differences (training and frozen), with γ, β that
+/// leave part of every channel clamped.
+#[test]
+fn fused_batchnorm_relu_gradients() {
+    let mut r = rng::seeded(14);
+    let make = || -> Box<dyn Layer> { Box::new(shaped_batchnorm(3).with_relu("relu")) };
+    let x = random_tensor(&[2, 3, 3, 3], &mut r);
+    check("fused batchnorm+relu", &make, &x, 60);
+    check_in("fused frozen batchnorm+relu", &make, &x, 60, Mode::Frozen);
+    check(
+        "fused batchnorm+relu [n, c]",
+        &make,
+        &random_tensor(&[6, 3], &mut r),
+        60,
+    );
+}
+
+/// BatchNorm with non-trivial γ, β and running statistics.
+fn shaped_batchnorm(c: usize) -> BatchNorm2d {
+    let mut bn = BatchNorm2d::new(c);
+    bn.visit_mut("", &mut |name, slot| match slot {
+        SlotMut::Param(p) => {
+            let base = if name == "weight" { 1.5 } else { 0.3 };
+            for (i, v) in p.value.iter_mut().enumerate() {
+                *v = base - 0.4 * i as f32;
+            }
+        }
+        SlotMut::Buffer(_, t) => {
+            let base = if name == "running_mean" { 0.2 } else { 0.5 };
+            for (i, v) in t.iter_mut().enumerate() {
+                *v = base + 0.3 * i as f32;
+            }
+        }
+    });
+    bn
+}
+
+/// The fused layer equals BatchNorm followed by ReLU in every mode: outputs, input gradients,
+/// γ and β gradients and running statistics (required within 1e-6 relative; they are in fact
+/// bit-identical, as the fused pass does the same operations in the same order).
+#[test]
+fn fused_batchnorm_relu_matches_batchnorm_then_relu() {
+    let mut r = rng::seeded(15);
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (p, q) in a.iter().zip(b) {
+            assert!(
+                (p - q).abs() <= 1e-6 * p.abs().max(q.abs()),
+                "{what}: {p} vs {q}"
+            );
+        }
+    };
+    for shape in [vec![3, 4, 5, 4], vec![7, 4]] {
+        for mode in [Mode::Train, Mode::Frozen, Mode::Eval, Mode::Calibrate] {
+            let what = format!("{shape:?} {mode:?}");
+            let mut fused = shaped_batchnorm(4).with_relu("relu");
+            let mut bn = shaped_batchnorm(4);
+            let mut relu = Relu::new();
+            let x = random_tensor(&shape, &mut r);
+            let yf = fused.forward(x.clone(), mode).unwrap();
+            let y = relu.forward(bn.forward(x, mode).unwrap(), mode).unwrap();
+            assert!(y.iter().any(|v| *v == 0.0) && y.iter().any(|v| *v > 0.0));
+            close(yf.as_slice().unwrap(), y.as_slice().unwrap(), &what);
+            if mode.caches() {
+                let g = random_tensor(&shape, &mut r);
+                let dxf = fused.backward(g.clone()).unwrap();
+                let dx = bn.backward(relu.backward(g).unwrap()).unwrap();
+                close(dxf.as_slice().unwrap(), dx.as_slice().unwrap(), &what);
+                let (pf, p) = (param_values(&fused), param_values(&bn));
+                for ((nf, _, gf), (_, _, g)) in pf.iter().zip(&p) {
+                    close(gf, g, &format!("{what}: {nf}"));
+                }
+            }
+            assert_eq!(state_of(&fused), state_of(&bn), "{what}: state");
+        }
+    }
+}
+
 /// Every value (parameters and buffers) of a layer, by name.
 fn state_of(layer: &dyn Layer) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();

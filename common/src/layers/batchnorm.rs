@@ -1,9 +1,9 @@
-//! Batch normalisation over the last (channel) axis.
+//! Batch normalisation over the last (channel) axis, optionally fused with the ReLU after it.
 
 use rayon::prelude::*;
 
 use super::{OpInfo, OpKind, Slot, SlotMut, expect_grad, expect_input, join};
-use crate::kernels::reduce::channel_sums;
+use crate::kernels::reduce::{channel_sums, channel_sums_mut};
 use crate::param::{Param, Role};
 use crate::tensor::{Mode, Tensor, from_vec, into_vec};
 use crate::{Error, Result};
@@ -15,6 +15,14 @@ const TASK_ELEMS: usize = 1 << 15;
 /// `[N, C]`). Training mode normalises with the biased batch variance and updates the running
 /// statistics with momentum 0.1 and the unbiased variance, as PyTorch does; evaluation normalises
 /// with the running statistics.
+///
+/// With [`BatchNorm2d::with_relu`] the layer also applies the ReLU that follows it, in the same
+/// pass: the output is `max(γ·x̂ + β, 0)`, bit-identical to the two layers in sequence, and the
+/// backward pass zeroes the gradient where that output is not positive (recomputed from the kept
+/// `x̂`), so no copy of the output is kept for the ReLU.
+///
+/// The output is written into the input's buffer, and the buffers kept for the backward pass
+/// (`x̂`, the saved statistics) are reused from one training step to the next.
 pub struct BatchNorm2d {
     gamma: Param,
     beta: Param,
@@ -23,12 +31,20 @@ pub struct BatchNorm2d {
     channels: usize,
     momentum: f32,
     eps: f32,
+    /// The name of the fused ReLU (for [`super::Layer::trace`]), if one is fused.
+    relu: Option<String>,
     cache: Option<Cache>,
+    /// The last cache's buffers after the backward pass, for the next training forward.
+    spare: Cache,
 }
 
+#[derive(Default)]
 struct Cache {
     xhat: Vec<f32>,
     inv_std: Vec<f32>,
+    /// γ and β of the forward pass (only with a fused ReLU, whose gate they recompute).
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
     shape: Vec<usize>,
     /// Normalised with the running statistics ([`Mode::Frozen`]): the statistics are constants,
     /// so the backward pass is that of a per-channel affine map.
@@ -48,7 +64,9 @@ impl BatchNorm2d {
             channels,
             momentum: 0.1,
             eps: 1e-5,
+            relu: None,
             cache: None,
+            spare: Cache::default(),
         }
     }
 
@@ -56,6 +74,20 @@ impl BatchNorm2d {
     pub fn zero_gamma(mut self) -> Self {
         self.gamma.value.fill(0.0);
         self
+    }
+
+    /// Fuses the ReLU that follows this layer into it (in every mode). `relu_name` is that
+    /// ReLU's name beside this layer in their container: [`super::Layer::trace`] still reports
+    /// the two operations under their names, so operation lists and cost accounting do not
+    /// change. The ReLU holds no state, so the model's named tensors do not change either.
+    pub fn with_relu(mut self, relu_name: impl Into<String>) -> Self {
+        self.relu = Some(relu_name.into());
+        self
+    }
+
+    /// Whether a ReLU is fused into this layer.
+    pub fn has_relu(&self) -> bool {
+        self.relu.is_some()
     }
 
     fn batch_forward(&mut self, x: Tensor, cache: bool) -> Result<Tensor> {
@@ -83,10 +115,8 @@ impl BatchNorm2d {
             }
         });
         let var: Vec<f64> = sq.iter().map(|s| s / m as f64).collect();
-        let inv_std: Vec<f32> = var
-            .iter()
-            .map(|v| (1.0 / (v + f64::from(self.eps)).sqrt()) as f32)
-            .collect();
+        let eps = f64::from(self.eps);
+        let inv_std = var.iter().map(|v| (1.0 / (v + eps).sqrt()) as f32);
         let mom = self.momentum;
         let unbias = m as f64 / (m as f64 - 1.0);
         for (i, (rm, rv)) in self
@@ -98,77 +128,92 @@ impl BatchNorm2d {
             *rm = (1.0 - mom) * *rm + mom * mean[i];
             *rv = (1.0 - mom) * *rv + mom * (var[i] * unbias) as f32;
         }
-        let gamma = self.gamma.value.as_slice().unwrap_or(&[]);
-        let beta = self.beta.value.as_slice().unwrap_or(&[]);
-        let task = (TASK_ELEMS / c).max(1) * c;
         if cache {
-            let mut xhat = vec![0.0f32; data.len()];
-            xhat.par_chunks_mut(task)
-                .zip(data.par_chunks_mut(task))
-                .for_each(|(xh, y)| {
-                    for (xr, yr) in xh.chunks_mut(c).zip(y.chunks_mut(c)) {
-                        for ch in 0..c {
-                            let n = (yr[ch] - mean[ch]) * inv_std[ch];
-                            xr[ch] = n;
-                            yr[ch] = n * gamma[ch] + beta[ch];
-                        }
-                    }
-                });
-            self.cache = Some(Cache {
-                xhat,
-                inv_std,
-                shape: shape.clone(),
-                frozen: false,
-            });
+            let mut kept = std::mem::take(&mut self.spare);
+            kept.inv_std.clear();
+            kept.inv_std.extend(inv_std);
+            self.normalise_cached(&mut data, &mean, kept, shape.clone(), false);
         } else {
-            let scale: Vec<f32> = (0..c).map(|ch| inv_std[ch] * gamma[ch]).collect();
+            let gamma = self.gamma.value.as_slice().unwrap_or(&[]);
+            let beta = self.beta.value.as_slice().unwrap_or(&[]);
+            let scale: Vec<f32> = inv_std.zip(gamma).map(|(s, g)| s * g).collect();
             let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
-            affine(&mut data, &scale, &shift, task);
+            affine(&mut data, &scale, &shift, self.relu.is_some());
         }
         from_vec(&shape, data)
     }
-}
 
-impl BatchNorm2d {
     /// Evaluation-mode normalisation that keeps `x̂ = (x − μ_run)/σ_run` for the backward pass.
     fn frozen_forward(&mut self, x: Tensor) -> Result<Tensor> {
-        let c = self.channels;
         let shape = x.shape().to_vec();
         let mut data = into_vec(x);
+        let rv = self.running_var.as_slice().unwrap_or(&[]);
+        let mut kept = std::mem::take(&mut self.spare);
+        kept.inv_std.clear();
+        kept.inv_std
+            .extend(rv.iter().map(|v| 1.0 / (v + self.eps).sqrt()));
+        let mean = self.running_mean.as_slice().unwrap_or(&[]).to_vec();
+        self.normalise_cached(&mut data, &mean, kept, shape.clone(), true);
+        from_vec(&shape, data)
+    }
+
+    /// The pass shared by the training and frozen forwards: `x̂ = (y − μ)·inv_std` into the
+    /// kept buffer and `y = x̂·γ + β` (clamped at 0 with a fused ReLU) in place; the statistics
+    /// are `mean` and `kept.inv_std`. Stores `kept` as the cache for the backward pass.
+    fn normalise_cached(
+        &mut self,
+        data: &mut [f32],
+        mean: &[f32],
+        mut kept: Cache,
+        shape: Vec<usize>,
+        frozen: bool,
+    ) {
+        let c = self.channels;
         let gamma = self.gamma.value.as_slice().unwrap_or(&[]);
         let beta = self.beta.value.as_slice().unwrap_or(&[]);
-        let rm = self.running_mean.as_slice().unwrap_or(&[]);
-        let rv = self.running_var.as_slice().unwrap_or(&[]);
-        let inv_std: Vec<f32> = (0..c).map(|ch| 1.0 / (rv[ch] + self.eps).sqrt()).collect();
-        let mut xhat = vec![0.0f32; data.len()];
-        let task = (TASK_ELEMS / c).max(1) * c;
-        xhat.par_chunks_mut(task)
+        let relu = self.relu.is_some();
+        kept.gamma.clear();
+        kept.beta.clear();
+        if relu {
+            kept.gamma.extend_from_slice(gamma);
+            kept.beta.extend_from_slice(beta);
+        }
+        // Every value is overwritten below: a reused buffer only grows.
+        kept.xhat.resize(data.len(), 0.0);
+        let inv_std = &kept.inv_std;
+        let task = task_len(c);
+        kept.xhat
+            .par_chunks_mut(task)
             .zip(data.par_chunks_mut(task))
             .for_each(|(xh, y)| {
                 for (xr, yr) in xh.chunks_mut(c).zip(y.chunks_mut(c)) {
                     for ch in 0..c {
-                        let n = (yr[ch] - rm[ch]) * inv_std[ch];
+                        let n = (yr[ch] - mean[ch]) * inv_std[ch];
                         xr[ch] = n;
-                        yr[ch] = n * gamma[ch] + beta[ch];
+                        let v = n * gamma[ch] + beta[ch];
+                        yr[ch] = if relu { v.max(0.0) } else { v };
                     }
                 }
             });
-        self.cache = Some(Cache {
-            xhat,
-            inv_std,
-            shape: shape.clone(),
-            frozen: true,
-        });
-        from_vec(&shape, data)
+        kept.shape = shape;
+        kept.frozen = frozen;
+        self.cache = Some(kept);
     }
 }
 
-fn affine(data: &mut [f32], scale: &[f32], shift: &[f32], task: usize) {
+/// Elements per parallel task for rows of `c` channels (whole rows).
+fn task_len(c: usize) -> usize {
+    (TASK_ELEMS / c.max(1)).max(1) * c.max(1)
+}
+
+/// `y = y·scale + shift` per channel in place, clamped at 0 when `relu`.
+fn affine(data: &mut [f32], scale: &[f32], shift: &[f32], relu: bool) {
     let c = scale.len();
-    data.par_chunks_mut(task).for_each(|y| {
+    data.par_chunks_mut(task_len(c)).for_each(|y| {
         for yr in y.chunks_mut(c) {
             for ((v, s), b) in yr.iter_mut().zip(scale).zip(shift) {
-                *v = *v * s + b;
+                let a = *v * s + b;
+                *v = if relu { a.max(0.0) } else { a };
             }
         }
     });
@@ -194,48 +239,55 @@ impl super::Layer for BatchNorm2d {
                     .map(|ch| gamma[ch] / (rv[ch] + self.eps).sqrt())
                     .collect();
                 let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - rm[ch] * scale[ch]).collect();
-                affine(&mut data, &scale, &shift, (TASK_ELEMS / c).max(1) * c);
+                affine(&mut data, &scale, &shift, self.relu.is_some());
                 from_vec(&shape, data)
             }
         }
     }
 
     fn backward(&mut self, grad: Tensor) -> Result<Tensor> {
-        let Cache {
-            xhat,
-            inv_std,
-            shape,
-            frozen,
-        } = self
+        let cache = self
             .cache
             .take()
             .ok_or_else(|| Error::NoForwardCache("batchnorm".into()))?;
-        expect_grad("batchnorm", &grad, &shape)?;
+        if let Err(e) = expect_grad("batchnorm", &grad, &cache.shape) {
+            self.spare = cache;
+            return Err(e);
+        }
         let c = self.channels;
         let mut dy = into_vec(grad);
         let m = dy.len() / c;
-        let dbeta = channel_sums(m, c, |r, acc| {
-            for (a, v) in acc.iter_mut().zip(&dy[r * c..(r + 1) * c]) {
-                *a += v;
-            }
-        });
-        let dgamma = channel_sums(m, c, |r, acc| {
-            let row = &dy[r * c..(r + 1) * c];
+        let relu = self.relu.is_some();
+        let (xhat, gf, bf) = (&cache.xhat, &cache.gamma, &cache.beta);
+        // One pass: the fused ReLU's gate (zero where γ·x̂ + β, the output before clamping, is
+        // not positive) and the per-channel sums Σdy (β) and Σdy·x̂ (γ).
+        let sums = channel_sums_mut(&mut dy, c, 2 * c, |r, row, acc| {
             let xr = &xhat[r * c..(r + 1) * c];
-            for ((a, v), x) in acc.iter_mut().zip(row).zip(xr) {
-                *a += v * x;
+            if relu {
+                for ch in 0..c {
+                    let y = xr[ch] * gf[ch] + bf[ch];
+                    if y.is_nan() || y <= 0.0 {
+                        row[ch] = 0.0;
+                    }
+                }
+            }
+            let (db, dg) = acc.split_at_mut(c);
+            for (((b, g), v), x) in db.iter_mut().zip(dg.iter_mut()).zip(row.iter()).zip(xr) {
+                *b += v;
+                *g += v * x;
             }
         });
-        for (g, v) in self.gamma.grad.iter_mut().zip(&dgamma) {
+        let (dbeta, dgamma) = sums.split_at(c);
+        for (g, v) in self.gamma.grad.iter_mut().zip(dgamma) {
             *g = *v as f32;
         }
-        for (g, v) in self.beta.grad.iter_mut().zip(&dbeta) {
+        for (g, v) in self.beta.grad.iter_mut().zip(dbeta) {
             *g = *v as f32;
         }
         let gamma = self.gamma.value.as_slice().unwrap_or(&[]);
-        let k: Vec<f32> = (0..c).map(|ch| gamma[ch] * inv_std[ch]).collect();
-        let task = (TASK_ELEMS / c).max(1) * c;
-        if frozen {
+        let k: Vec<f32> = (0..c).map(|ch| gamma[ch] * cache.inv_std[ch]).collect();
+        let task = task_len(c);
+        if cache.frozen {
             // Constant statistics: dx = γ·inv_std·dy.
             dy.par_chunks_mut(task).for_each(|d| {
                 for dr in d.chunks_mut(c) {
@@ -244,21 +296,23 @@ impl super::Layer for BatchNorm2d {
                     }
                 }
             });
-            return from_vec(&shape, dy);
-        }
-        // dx = γ·inv_std · (dy − mean(dy) − x̂·mean(dy·x̂))
-        let mdb: Vec<f32> = dbeta.iter().map(|v| (v / m as f64) as f32).collect();
-        let mdg: Vec<f32> = dgamma.iter().map(|v| (v / m as f64) as f32).collect();
-        dy.par_chunks_mut(task)
-            .zip(xhat.par_chunks(task))
-            .for_each(|(d, xh)| {
-                for (dr, xr) in d.chunks_mut(c).zip(xh.chunks(c)) {
-                    for ch in 0..c {
-                        dr[ch] = k[ch] * (dr[ch] - mdb[ch] - xr[ch] * mdg[ch]);
+        } else {
+            // dx = γ·inv_std · (dy − mean(dy) − x̂·mean(dy·x̂))
+            let mdb: Vec<f32> = dbeta.iter().map(|v| (v / m as f64) as f32).collect();
+            let mdg: Vec<f32> = dgamma.iter().map(|v| (v / m as f64) as f32).collect();
+            dy.par_chunks_mut(task)
+                .zip(xhat.par_chunks(task))
+                .for_each(|(d, xh)| {
+                    for (dr, xr) in d.chunks_mut(c).zip(xh.chunks(c)) {
+                        for ch in 0..c {
+                            dr[ch] = k[ch] * (dr[ch] - mdb[ch] - xr[ch] * mdg[ch]);
+                        }
                     }
-                }
-            });
-        from_vec(&shape, dy)
+                });
+        }
+        let out = from_vec(&cache.shape, dy);
+        self.spare = cache;
+        out
     }
 
     fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, Slot<'_>)) {
@@ -301,10 +355,66 @@ impl super::Layer for BatchNorm2d {
             output_elems: n,
             cached_elems: n,
         });
+        if let Some(relu) = &self.relu {
+            // Traced as the ReLU layer it replaces, beside this layer in the same container; it
+            // caches nothing (the backward recomputes the gate from this layer's cache).
+            let parent = prefix.rsplit_once('.').map_or("", |(p, _)| p);
+            ops.push(OpInfo {
+                name: join(parent, relu),
+                kind: OpKind::Relu,
+                macs: 0,
+                weight: None,
+                input_elems: n,
+                output_elems: n,
+                cached_elems: 0,
+            });
+        }
         Ok(input.to_vec())
     }
 
     fn clear_cache(&mut self) {
         self.cache = None;
+        self.spare = Cache::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::Layer;
+
+    #[test]
+    fn training_steps_reuse_the_kept_buffers() {
+        for relu in [false, true] {
+            let mut bn = BatchNorm2d::new(3);
+            if relu {
+                bn = bn.with_relu("relu");
+            }
+            let x = |s: f32| {
+                let v = (0..24).map(|i| (i as f32 * s).sin()).collect();
+                from_vec(&[2, 2, 2, 3], v).unwrap()
+            };
+            let kept = |bn: &BatchNorm2d| {
+                let c = bn.cache.as_ref().unwrap();
+                (c.xhat.as_ptr(), c.inv_std.as_ptr(), c.gamma.capacity())
+            };
+            let y = bn.forward(x(0.7), Mode::Train).unwrap();
+            let first = kept(&bn);
+            assert_eq!(first.2 > 0, relu, "γ is kept only for the fused ReLU");
+            bn.backward(y).unwrap();
+            assert!(bn.cache.is_none());
+            let y = bn.forward(x(1.3), Mode::Train).unwrap();
+            assert_eq!(kept(&bn), first, "relu {relu}");
+            bn.backward(y).unwrap();
+            let y = bn.forward(x(0.4), Mode::Frozen).unwrap();
+            assert_eq!(kept(&bn), first, "relu {relu}: frozen");
+            bn.backward(y).unwrap();
+            bn.clear_cache();
+            assert_eq!(
+                bn.spare.xhat.capacity(),
+                0,
+                "clear_cache releases the buffers"
+            );
+        }
     }
 }

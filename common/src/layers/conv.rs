@@ -11,7 +11,7 @@ use crate::kernels::{ConvGeometry, gemm, im2col, reduce};
 use crate::mask::Mask;
 use crate::param::{Param, Role};
 use crate::rng::Rng;
-use crate::tensor::{Mode, Tensor, contiguous, from_vec};
+use crate::tensor::{Mode, Tensor, contiguous, from_vec, into_vec, reuse};
 use crate::{Error, Result};
 
 /// A square-kernel 2-D convolution. The weight is stored `[k, k, cin, cout]`, which is the
@@ -28,6 +28,12 @@ use crate::{Error, Result};
 /// kernel choice ([`Param::follow_kernels`]): while the sparse kernels run, its active values
 /// (inside the [`SparseWeight`] the kernels read) and their gradient are all it holds; the
 /// results are bit-identical to dense storage with the same kernels.
+///
+/// Buffers are reused from one training step to the next: the output is written into the
+/// buffer of the previous backward pass's output gradient (same shape), and the im2col matrix
+/// or packed input lives in a kept scratch buffer. The input gradient is the one fresh buffer
+/// of a step: the input's buffer is released during the forward pass rather than held until
+/// the backward pass, which would add one input-sized buffer per convolution to the peak.
 pub struct Conv2d {
     weight: Param,
     bias: Option<Param>,
@@ -39,6 +45,8 @@ pub struct Conv2d {
     input_grad: bool,
     cache: Option<Cache>,
     scratch: Vec<f32>,
+    /// The last output gradient's buffer, for the next forward's output.
+    out_spare: Vec<f32>,
     sparse_mode: SparseMode,
     sparse: SparseState,
     last_sparse: bool,
@@ -110,6 +118,7 @@ impl Conv2d {
             input_grad: true,
             cache: None,
             scratch: Vec::new(),
+            out_spare: Vec::new(),
             sparse_mode: SparseMode::Auto,
             sparse: SparseState::default(),
             last_sparse: false,
@@ -205,7 +214,8 @@ impl Conv2d {
         }
         let x = contiguous(x);
         let mut packed = std::mem::take(&mut self.sparse.work.src);
-        let mut out = vec![0.0f32; g.rows() * self.cout];
+        // Overwritten by the kernel.
+        let mut out = reuse(&mut self.out_spare, g.rows() * self.cout);
         let w = if lean {
             self.weight.lean_weight()
         } else {
@@ -238,7 +248,12 @@ impl Conv2d {
             Some(p) if *p.geometry() == g => p,
             _ => ConvPlan::new(&g)?,
         };
-        let result = self.backward_sparse_with(grad, &packed, &plan);
+        let result = expect_grad("conv2d", &grad, &[g.n, g.oh, g.ow, self.cout]).and_then(|()| {
+            let grad = contiguous(grad);
+            let dx = self.backward_sparse_with(grad.as_slice().unwrap_or(&[]), &packed, &plan);
+            self.out_spare = into_vec(grad);
+            dx
+        });
         self.sparse.plan = Some(plan);
         self.sparse.work.src = packed;
         let dx = result?;
@@ -250,15 +265,12 @@ impl Conv2d {
 
     fn backward_sparse_with(
         &mut self,
-        grad: Tensor,
+        dy: &[f32],
         packed: &[f32],
         plan: &ConvPlan,
     ) -> Result<Vec<f32>> {
         let g = *plan.geometry();
         let (rows, patch, cout) = (g.rows(), self.patch(), self.cout);
-        expect_grad("conv2d", &grad, &[g.n, g.oh, g.ow, cout])?;
-        let grad = contiguous(grad);
-        let dy = grad.as_slice().unwrap_or(&[]);
         let lean = self.weight.is_lean();
         if !lean {
             self.sync_sparse_weight()?;
@@ -293,6 +305,7 @@ impl Conv2d {
         if let Some(b) = &mut self.bias {
             bias_grad(b, dy, rows, cout);
         }
+        // Overwritten by the kernel; the one fresh buffer of the step (see [`Conv2d`]).
         let mut dx = if self.input_grad {
             vec![0.0f32; g.n * g.image_len()]
         } else {
@@ -311,6 +324,51 @@ impl Conv2d {
             plan.backward(w, packed, dy, dx_out, dw_out, partials)?;
         }
         Ok(dx)
+    }
+}
+
+impl Conv2d {
+    /// The dense kernels' backward pass from the output gradient `dy` and the kept columns.
+    fn backward_dense(
+        &mut self,
+        dy: &[f32],
+        g: ConvGeometry,
+        mut cols: Vec<f32>,
+    ) -> Result<Tensor> {
+        let (rows, patch, cout) = (g.rows(), self.patch(), self.cout);
+        {
+            // Dense kernels: the weight is in dense storage, its gradient is the full one.
+            self.weight.follow_kernels(false)?;
+            let a = view2(&cols, rows, patch)?;
+            let dyv = view2(dy, rows, cout)?;
+            let dw = view2_mut(self.weight.dense_grad_buffer()?, patch, cout)?;
+            gemm(a.t(), dyv, 0.0, dw);
+            self.weight.finish_dense_grad();
+        }
+        if let Some(b) = &mut self.bias {
+            bias_grad(b, dy, rows, cout);
+        }
+        if !self.input_grad {
+            if !g.is_pointwise() {
+                self.scratch = cols;
+            }
+            return Ok(Tensor::zeros(ndarray::IxDyn(&[0])));
+        }
+        // Reuse the column buffer for the column gradient.
+        {
+            let dyv = view2(dy, rows, cout)?;
+            let w = view2(weight_slice(&self.weight)?, patch, cout)?;
+            let dc = view2_mut(&mut cols, rows, patch)?;
+            gemm(dyv, w.t(), 0.0, dc);
+        }
+        if g.is_pointwise() {
+            return from_vec(&[g.n, g.h, g.w, g.c], cols);
+        }
+        // Overwritten by col2im; the one fresh buffer of the step (see [`Conv2d`]).
+        let mut dx = vec![0.0f32; g.n * g.image_len()];
+        im2col::col2im(&cols, &g, &mut dx);
+        self.scratch = cols;
+        from_vec(&[g.n, g.h, g.w, g.c], dx)
     }
 }
 
@@ -362,7 +420,9 @@ impl super::Layer for Conv2d {
             cols
         };
         let rows = g.rows();
-        let mut out = vec![0.0f32; rows * self.cout];
+        // Overwritten: by the bias and then accumulated into, or by the product (β = 0 does not
+        // read the old values).
+        let mut out = reuse(&mut self.out_spare, rows * self.cout);
         let mut beta = 0.0;
         if let Some(b) = &self.bias {
             let bv = b.value.as_slice().unwrap_or(&[]);
@@ -390,46 +450,20 @@ impl super::Layer for Conv2d {
             .cache
             .take()
             .ok_or_else(|| Error::NoForwardCache("conv2d".into()))?;
-        let (g, mut cols) = match cache {
+        let (g, cols) = match cache {
             Cache::Dense { geom, cols } => (geom, cols),
             Cache::Sparse { geom, packed } => return self.backward_sparse(grad, geom, packed),
         };
-        expect_grad("conv2d", &grad, &[g.n, g.oh, g.ow, self.cout])?;
-        let grad = contiguous(grad);
-        let dy = grad.as_slice().unwrap_or(&[]);
-        let (rows, patch, cout) = (g.rows(), self.patch(), self.cout);
-        {
-            // Dense kernels: the weight is in dense storage, its gradient is the full one.
-            self.weight.follow_kernels(false)?;
-            let a = view2(&cols, rows, patch)?;
-            let dyv = view2(dy, rows, cout)?;
-            let dw = view2_mut(self.weight.dense_grad_buffer()?, patch, cout)?;
-            gemm(a.t(), dyv, 0.0, dw);
-            self.weight.finish_dense_grad();
-        }
-        if let Some(b) = &mut self.bias {
-            bias_grad(b, dy, rows, cout);
-        }
-        if !self.input_grad {
+        if let Err(e) = expect_grad("conv2d", &grad, &[g.n, g.oh, g.ow, self.cout]) {
             if !g.is_pointwise() {
                 self.scratch = cols;
             }
-            return Ok(Tensor::zeros(ndarray::IxDyn(&[0])));
+            return Err(e);
         }
-        // Reuse the column buffer for the column gradient.
-        {
-            let dyv = view2(dy, rows, cout)?;
-            let w = view2(weight_slice(&self.weight)?, patch, cout)?;
-            let dc = view2_mut(&mut cols, rows, patch)?;
-            gemm(dyv, w.t(), 0.0, dc);
-        }
-        if g.is_pointwise() {
-            return from_vec(&[g.n, g.h, g.w, g.c], cols);
-        }
-        let mut dx = vec![0.0f32; g.n * g.image_len()];
-        im2col::col2im(&cols, &g, &mut dx);
-        self.scratch = cols;
-        from_vec(&[g.n, g.h, g.w, g.c], dx)
+        let grad = contiguous(grad);
+        let dx = self.backward_dense(grad.as_slice().unwrap_or(&[]), g, cols);
+        self.out_spare = into_vec(grad);
+        dx
     }
 
     fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, Slot<'_>)) {
@@ -469,6 +503,7 @@ impl super::Layer for Conv2d {
     fn clear_cache(&mut self) {
         self.cache = None;
         self.scratch = Vec::new();
+        self.out_spare = Vec::new();
         self.sparse.work = Workspace::default();
     }
 }

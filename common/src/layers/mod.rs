@@ -7,6 +7,18 @@
 //!
 //! Tensors are named by a visitor ([`Layer::visit`], [`Layer::visit_mut`]) that composes stable
 //! dotted paths (`layer2.0.conv1.weight`) as it descends through containers.
+//!
+//! Buffers are reused from one training step to the next without holding more memory at the
+//! step's peak (the end of the forward pass): elementwise layers work in place in the buffer
+//! they are handed; what a layer keeps for its backward pass lives in a buffer it gets back
+//! after that pass; and a layer whose output cannot be its input's buffer (conv, max-pool)
+//! writes it into the buffer of the previous step's output gradient, which has the output's
+//! shape. A buffer is only resized when the batch shape changes. The one fresh buffer left per
+//! conv and max-pool step is the input gradient: the input's own buffer is released in the
+//! forward pass, and keeping it until the backward pass would raise the peak.
+//!
+//! A BatchNorm directly followed by a ReLU runs as one layer ([`BatchNorm2d::with_relu`]),
+//! with the same named tensors and results as the two layers.
 
 mod batchnorm;
 mod conv;

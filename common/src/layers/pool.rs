@@ -4,14 +4,23 @@ use rayon::prelude::*;
 
 use super::{OpInfo, OpKind, expect_grad};
 use crate::kernels::ConvGeometry;
-use crate::tensor::{Mode, Tensor, contiguous, from_vec, into_vec};
+use crate::tensor::{Mode, Tensor, contiguous, from_vec, into_vec, reuse};
 use crate::{Error, Result};
 
 /// Max pooling with a square window and no padding. Training keeps the arg-max of every output.
+///
+/// Buffers are reused from one training step to the next: the arg-max indices live in a kept
+/// buffer, and the output is written into the buffer of the previous backward pass's output
+/// gradient (same shape). The input gradient is the one fresh buffer of a step (the input's
+/// buffer is released in the forward pass rather than held until the backward pass).
 pub struct MaxPool2d {
     k: usize,
     stride: usize,
     cache: Option<(ConvGeometry, Vec<u32>)>,
+    /// The arg-max buffer after the backward pass (or an evaluation forward).
+    arg_spare: Vec<u32>,
+    /// The last output gradient's buffer, for the next forward's output.
+    out_spare: Vec<f32>,
 }
 
 impl MaxPool2d {
@@ -21,6 +30,8 @@ impl MaxPool2d {
             k,
             stride,
             cache: None,
+            arg_spare: Vec::new(),
+            out_spare: Vec::new(),
         }
     }
 }
@@ -36,8 +47,10 @@ impl super::Layer for MaxPool2d {
         let xs = x.as_slice().unwrap_or(&[]);
         let c = g.c;
         let out_img = g.oh * g.ow * c;
-        let mut out = vec![f32::NEG_INFINITY; g.n * out_img];
-        let mut arg = vec![0u32; g.n * out_img];
+        // Every value is set below (each output pixel starts at −∞ with arg-max 0).
+        let mut out = reuse(&mut self.out_spare, g.n * out_img);
+        let mut arg = std::mem::take(&mut self.arg_spare);
+        arg.resize(g.n * out_img, 0);
         if out_img > 0 && g.image_len() > 0 {
             out.par_chunks_mut(out_img)
                 .zip(arg.par_chunks_mut(out_img))
@@ -47,6 +60,8 @@ impl super::Layer for MaxPool2d {
                         for ox in 0..g.ow {
                             let base = (oy * g.ow + ox) * c;
                             let (o, a) = (&mut o[base..base + c], &mut a[base..base + c]);
+                            o.fill(f32::NEG_INFINITY);
+                            a.fill(0);
                             for ky in 0..g.kh {
                                 for kx in 0..g.kw {
                                     let iy = oy * g.stride + ky;
@@ -68,6 +83,8 @@ impl super::Layer for MaxPool2d {
         }
         if mode.caches() {
             self.cache = Some((g, arg));
+        } else {
+            self.arg_spare = arg;
         }
         from_vec(&[g.n, g.oh, g.ow, c], out)
     }
@@ -77,9 +94,13 @@ impl super::Layer for MaxPool2d {
             .cache
             .take()
             .ok_or_else(|| Error::NoForwardCache("maxpool2d".into()))?;
-        expect_grad("maxpool2d", &grad, &[g.n, g.oh, g.ow, g.c])?;
+        if let Err(e) = expect_grad("maxpool2d", &grad, &[g.n, g.oh, g.ow, g.c]) {
+            self.arg_spare = arg;
+            return Err(e);
+        }
         let dy = into_vec(grad);
         let out_img = g.oh * g.ow * g.c;
+        // Accumulated into: starts at zero. The one fresh buffer of the step.
         let mut dx = vec![0.0f32; g.n * g.image_len()];
         if out_img > 0 && g.image_len() > 0 {
             dx.par_chunks_mut(g.image_len())
@@ -91,6 +112,8 @@ impl super::Layer for MaxPool2d {
                     }
                 });
         }
+        self.arg_spare = arg;
+        self.out_spare = dy;
         from_vec(&[g.n, g.h, g.w, g.c], dx)
     }
 
@@ -113,6 +136,8 @@ impl super::Layer for MaxPool2d {
 
     fn clear_cache(&mut self) {
         self.cache = None;
+        self.arg_spare = Vec::new();
+        self.out_spare = Vec::new();
     }
 }
 
@@ -197,5 +222,28 @@ impl super::Layer for GlobalAvgPool {
 
     fn clear_cache(&mut self) {
         self.cache = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::Layer;
+
+    #[test]
+    fn training_steps_reuse_the_argmax_buffer() {
+        let mut pool = MaxPool2d::new(2, 2);
+        let x = |s: f32| {
+            let v = (0..2 * 4 * 4 * 3).map(|i| (i as f32 * s).sin()).collect();
+            from_vec(&[2, 4, 4, 3], v).unwrap()
+        };
+        let y = pool.forward(x(0.7), Mode::Train).unwrap();
+        let p = pool.cache.as_ref().unwrap().1.as_ptr();
+        pool.backward(y).unwrap();
+        let y = pool.forward(x(1.1), Mode::Train).unwrap();
+        assert_eq!(pool.cache.as_ref().unwrap().1.as_ptr(), p);
+        pool.backward(y).unwrap();
+        pool.clear_cache();
+        assert_eq!(pool.arg_spare.capacity() + pool.out_spare.capacity(), 0);
     }
 }

@@ -8,11 +8,18 @@ use crate::{Error, Result};
 /// `relu(branch(x) + shortcut(x))`, the shortcut being the identity when absent. The branch's
 /// layers are named directly under the block's name (`layer1.0.conv1`), the shortcut's under
 /// `shortcut` (`layer2.0.shortcut.conv`).
+///
+/// The output kept for the backward pass lives in a buffer that circulates within the block
+/// from one step to the next: after the backward gate it holds the copy of the gradient that
+/// the shortcut takes, and in the forward pass the identity shortcut's copy of the input (a
+/// projection shortcut's output buffer takes its place), so a step makes no copies in fresh
+/// buffers except a projection shortcut's input.
 pub struct Residual {
     branch: Sequential,
     shortcut: Option<Sequential>,
     cache: Option<Tensor>,
-    /// The cache's buffer after the backward pass, for the next training forward.
+    /// The identity shortcut's gradient buffer after the backward pass, for the next forward's
+    /// copy of the input.
     spare: Vec<f32>,
 }
 
@@ -32,7 +39,7 @@ impl Layer for Residual {
     fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
         let s = match &mut self.shortcut {
             Some(sc) => sc.forward(x.clone(), mode)?,
-            None => x.clone(),
+            None => copy_into(&x, std::mem::take(&mut self.spare))?,
         };
         let b = self.branch.forward(x, mode)?;
         if b.shape() != s.shape() {
@@ -45,8 +52,12 @@ impl Layer for Residual {
         }
         relu_in_place(&mut v);
         let out = from_vec(&shape, v)?;
+        // The shortcut's output is spent: its buffer keeps the copy of the output.
+        let buf = into_vec(s);
         if mode.caches() {
-            self.cache = Some(copy_into(&out, std::mem::take(&mut self.spare))?);
+            self.cache = Some(copy_into(&out, buf)?);
+        } else if self.shortcut.is_none() {
+            self.spare = buf;
         }
         Ok(out)
     }
@@ -60,11 +71,12 @@ impl Layer for Residual {
         let shape = out.shape().to_vec();
         let mut g = into_vec(grad);
         relu_gate(&mut g, out.as_slice().unwrap_or(&[]));
-        self.spare = into_vec(out);
         let g = from_vec(&shape, g)?;
+        // The kept output is spent: its buffer takes the shortcut's copy of the gradient.
+        let gs = copy_into(&g, into_vec(out))?;
         let gs = match &mut self.shortcut {
-            Some(sc) => sc.backward(g.clone())?,
-            None => g.clone(),
+            Some(sc) => sc.backward(gs)?,
+            None => gs,
         };
         let gb = self.branch.backward(g)?;
         if gb.shape() != gs.shape() {
@@ -74,6 +86,9 @@ impl Layer for Residual {
         let mut v = into_vec(gb);
         for (a, c) in v.iter_mut().zip(gs.iter()) {
             *a += c;
+        }
+        if self.shortcut.is_none() {
+            self.spare = into_vec(gs);
         }
         from_vec(&shape, v)
     }

@@ -9,7 +9,7 @@ mod vgg;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{Layer, OpInfo, Sequential, Slot, SlotMut};
+use crate::layers::{BatchNorm2d, Layer, OpInfo, Relu, Sequential, Slot, SlotMut};
 use crate::mask::{Mask, MaskSet};
 use crate::param::Param;
 use crate::rng;
@@ -117,12 +117,19 @@ pub struct Model {
 impl Model {
     /// Builds the model with weights initialised from `seed`.
     pub fn new(spec: &ModelSpec, seed: u64) -> Result<Self> {
+        Self::build(spec, seed, true)
+    }
+
+    /// Builds the model; with `fuse`, every BatchNorm directly followed by a ReLU applies that
+    /// ReLU itself ([`BatchNorm2d::with_relu`]). Fused and unfused models have the same named
+    /// tensors, operations and results.
+    fn build(spec: &ModelSpec, seed: u64, fuse: bool) -> Result<Self> {
         spec.validate()?;
         let mut r = rng::derived(seed, "model-init", 0);
         let net = match spec.arch {
-            Arch::Cnn => cnn::build(spec, &mut r)?,
-            Arch::Vgg11 => vgg::build(spec, &mut r)?,
-            Arch::Resnet18 => resnet::build(spec, &mut r)?,
+            Arch::Cnn => cnn::build(spec, &mut r, fuse)?,
+            Arch::Vgg11 => vgg::build(spec, &mut r, fuse)?,
+            Arch::Resnet18 => resnet::build(spec, &mut r, fuse)?,
         };
         let m = Model {
             spec: spec.clone(),
@@ -411,3 +418,17 @@ impl Model {
         self.net.clear_cache();
     }
 }
+
+/// Appends BatchNorm `bn` over `channels` followed by ReLU `relu`: one fused layer with `fuse`,
+/// the two layers otherwise. Either way the named tensors are `bn`'s.
+fn push_bn_relu(net: &mut Sequential, bn: &str, relu: &str, channels: usize, fuse: bool) {
+    if fuse {
+        net.push(bn, BatchNorm2d::new(channels).with_relu(relu));
+    } else {
+        net.push(bn, BatchNorm2d::new(channels));
+        net.push(relu, Relu::new());
+    }
+}
+
+#[cfg(test)]
+mod tests;

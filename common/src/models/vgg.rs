@@ -5,15 +5,15 @@
 //! Decision: a max-pool is skipped when the feature map is already 1 pixel high or wide (on a
 //! 28×28 input the fifth pool would have nothing to pool); on 32×32 all five pools apply.
 
-use super::ModelSpec;
+use super::{ModelSpec, push_bn_relu};
 use crate::Result;
-use crate::layers::{BatchNorm2d, Conv2d, GlobalAvgPool, Linear, MaxPool2d, Relu, Sequential};
+use crate::layers::{Conv2d, GlobalAvgPool, Linear, MaxPool2d, Sequential};
 use crate::rng::Rng;
 
 /// Configuration A; 0 stands for a max-pool.
 const CONFIG_A: [usize; 13] = [64, 0, 128, 0, 256, 256, 0, 512, 512, 0, 512, 512, 0];
 
-pub(super) fn build(spec: &ModelSpec, rng: &mut Rng) -> Result<Sequential> {
+pub(super) fn build(spec: &ModelSpec, rng: &mut Rng, fuse: bool) -> Result<Sequential> {
     let [mut h, mut w, mut cin] = spec.input;
     let mut features = Sequential::new();
     let (mut convs, mut pools) = (0, 0);
@@ -36,8 +36,13 @@ pub(super) fn build(spec: &ModelSpec, rng: &mut Rng) -> Result<Sequential> {
         };
         convs += 1;
         features.push(format!("conv{convs}"), conv);
-        features.push(format!("bn{convs}"), BatchNorm2d::new(c));
-        features.push(format!("relu{convs}"), Relu::new());
+        push_bn_relu(
+            &mut features,
+            &format!("bn{convs}"),
+            &format!("relu{convs}"),
+            c,
+            fuse,
+        );
         cin = c;
     }
     Ok(Sequential::new()
