@@ -43,6 +43,8 @@ pub struct LocalData {
 pub struct ClientApp {
     data: LocalData,
     masks: Option<MaskSet>,
+    /// `w0` of the last stage-1a task, kept for stage 1c (which then does not carry it).
+    w0: Option<Arc<ModelPayload>>,
     memory_budget_bytes: u64,
 }
 
@@ -52,6 +54,7 @@ impl ClientApp {
         ClientApp {
             data,
             masks: None,
+            w0: None,
             memory_budget_bytes: 0,
         }
     }
@@ -78,6 +81,18 @@ impl ClientApp {
     pub fn with_masks(mut self, masks: MaskSet) -> Self {
         self.masks = Some(masks);
         self
+    }
+
+    /// The same client keeping `w0` from a stage-1a task, as if it had run that task here (a
+    /// simulation that builds its clients per task hands each the `w0` it kept).
+    pub fn with_w0(mut self, w0: Arc<ModelPayload>) -> Self {
+        self.w0 = Some(w0);
+        self
+    }
+
+    /// The `w0` this client keeps between adaptive BatchNorm selection's two round trips.
+    pub fn w0(&self) -> Option<&Arc<ModelPayload>> {
+        self.w0.as_ref()
     }
 
     /// Number of local training samples.
@@ -255,8 +270,16 @@ impl ClientApp {
 
     fn calibrate(&mut self, t: &CalibrateTask) -> Result<CalibrateResult, ClientError> {
         let (w0, masks) = self.candidates(&t.model, &t.candidates)?;
-        let state = w0.state_dict();
+        // Kept for stage 1c, so that the coordinator sends `w0` once.
+        let kept = Arc::new(ModelPayload {
+            spec: t.model.spec.clone(),
+            mask_version: t.model.mask_version,
+            masks: t.model.masks.clone(),
+            state: w0.state_dict(),
+        });
         drop(w0);
+        self.w0 = Some(kept.clone());
+        let state = &kept.state;
         let val = validation_indices(&self.data.train_indices, &t.validation);
         let opts = BatchOptions {
             batch_size: t.batch_size,
@@ -269,7 +292,7 @@ impl ClientApp {
             let mut model = Model::new(&t.model.spec, 0)?;
             model.set_lean_storage(true)?;
             model.set_masks(m)?;
-            model.load_state_dict(&state)?;
+            model.load_state_dict(state)?;
             train::calibrate_batchnorm(&mut model, &self.data.train, &val, &opts, t.passes)?;
             bn.push(running_stats(&model.state_dict()));
         }
@@ -291,7 +314,16 @@ impl ClientApp {
                 t.candidates.seeds.len()
             )));
         }
-        let (w0, masks) = self.candidates(&t.model, &t.candidates)?;
+        // Stage 1c ends the selection: the kept `w0` is released either way.
+        let kept = self.w0.take();
+        let payload = match (&t.model, &kept) {
+            (Some(p), _) => p,
+            (None, Some(p)) => p.as_ref(),
+            (None, None) => return Err(ClientError::MissingW0),
+        };
+        fedtiny_proto::convert::check_candidate_statistics(&payload.state, &t.bn)
+            .map_err(|e| ClientError::Wire(e.to_string()))?;
+        let (w0, masks) = self.candidates(payload, &t.candidates)?;
         let base = w0.state_dict();
         drop(w0);
         let val = validation_indices(&self.data.train_indices, &t.validation);
@@ -318,7 +350,7 @@ impl ClientApp {
                     }
                 }
             }
-            let mut model = Model::new(&t.model.spec, 0)?;
+            let mut model = Model::new(&payload.spec, 0)?;
             model.set_lean_storage(true)?;
             model.set_masks(m)?;
             model.load_state_dict(&state)?;

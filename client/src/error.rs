@@ -16,6 +16,10 @@ pub enum ClientError {
         /// The version held, if any.
         held: Option<u64>,
     },
+    /// A candidate evaluation without a model reached a client that kept no `w0` from a
+    /// calibration task (e.g. it restarted between the two round trips).
+    #[error("candidate evaluation refers to the w0 of a calibration task this client did not run")]
+    MissingW0,
     /// A training task's predicted peak memory exceeds this client's budget: the task is refused
     /// before training (see [`fedtiny_common::cost::TrainFootprint`]).
     #[error(

@@ -178,8 +178,9 @@ pub struct CalibrateResult {
 pub struct CandidateEvalTask {
     /// The round (0 for the bootstrap).
     pub round: u64,
-    /// The dense pre-trained model `w0`.
-    pub model: ModelPayload,
+    /// The dense pre-trained model `w0`, or `None` for the `w0` of the client's own stage-1a
+    /// [`CalibrateTask`], which the client keeps until this task: `w0` then travels once.
+    pub model: Option<ModelPayload>,
     /// The candidates.
     pub candidates: CandidateSet,
     /// Per candidate, the averaged BatchNorm running statistics.

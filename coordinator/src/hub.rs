@@ -376,12 +376,12 @@ fn model_mut(task: &mut Task) -> Option<&mut fedtiny_common::task::ModelPayload>
 fn skeleton(mut task: Task) -> Task {
     use fedtiny_common::param::Role;
     let model = match &mut task {
-        Task::Train(t) => &mut t.model,
-        Task::Evaluate(t) => &mut t.model,
-        Task::Calibrate(t) => &mut t.model,
-        Task::EvaluateCandidates(t) => &mut t.model,
+        Task::Train(t) => Some(&mut t.model),
+        Task::Evaluate(t) => Some(&mut t.model),
+        Task::Calibrate(t) => Some(&mut t.model),
+        Task::EvaluateCandidates(t) => t.model.as_mut(),
     };
-    {
+    if let Some(model) = model {
         model.masks = None;
         model
             .state

@@ -23,6 +23,11 @@ async fn abns_then_progressive_pruning_over_mtls() {
     cfg.federation.fedtiny.t_end = 3;
     cfg.federation.fedtiny.alpha = 0.2;
     cfg.federation.fedtiny.granularity = Granularity::Entire;
+    let spec = cfg.federation.model_spec().unwrap();
+    let w0_bytes = 4 * fedtiny_common::models::Model::new(&spec, 0)
+        .unwrap()
+        .state_dict()
+        .num_values() as u64;
     let server = start_server(cfg, Start::Fresh).await;
     let clients: Vec<_> = ids
         .iter()
@@ -41,6 +46,12 @@ async fn abns_then_progressive_pruning_over_mtls() {
     );
     assert_eq!(m[0].participants, 3, "{:?}", m[0].failures);
     assert!(m[0].bytes_down > 0 && m[0].bytes_up > 0);
+    // w0 travels once per client: stage 1c carries only the averaged statistics.
+    assert!(
+        m[0].bytes_down > 3 * w0_bytes && m[0].bytes_down < 3 * w0_bytes * 6 / 5,
+        "selection sent {} B to 3 clients for a {w0_bytes} B w0",
+        m[0].bytes_down
+    );
     let state = &summary.strategy_state;
     assert_eq!(state["bootstrapped"], true);
     assert!(state["fallback"].is_null(), "{state}");

@@ -281,7 +281,11 @@ pub fn task_to_pb(task: &Task, held_masks: Option<&MaskSet>) -> Result<pb::TaskP
         Task::EvaluateCandidates(t) => {
             pb::task_payload::Task::EvaluateCandidates(pb::CandidateEvalTask {
                 round: t.round,
-                model: Some(model_to_pb(&t.model, held_masks)?),
+                model: t
+                    .model
+                    .as_ref()
+                    .map(|m| model_to_pb(m, held_masks))
+                    .transpose()?,
                 candidates: Some(candidates_to_pb(&t.candidates)),
                 bn: bn_to_pb(&t.bn)?,
                 batch_size: t.batch_size as u64,
@@ -370,15 +374,14 @@ pub fn task_from_pb(
             let validation = validation_from_pb(&t.validation.ok_or(WireError::Missing {
                 field: "CandidateEvalTask.validation",
             })?)?;
-            let model = model_from_pb(
-                t.model.ok_or(WireError::Missing {
-                    field: "CandidateEvalTask.model",
-                })?,
-                held_masks,
-                limits,
-            )?;
+            // Without a model, the client checks the statistics against the `w0` it kept.
+            let model = t
+                .model
+                .map(|m| model_from_pb(m, held_masks, limits))
+                .transpose()?;
             let bn = bn_from_pb(t.bn, FIELD, limits)?;
-            let reference = running_statistics(&model.state);
+            let first = bn.first().cloned().unwrap_or_default();
+            let reference = running_statistics(model.as_ref().map_or(&first, |m| &m.state));
             for stats in &bn {
                 check_statistics(FIELD, &reference, stats)?;
             }
@@ -1087,6 +1090,14 @@ fn running_statistics(state: &StateDict) -> BTreeMap<&str, &StateEntry> {
         .filter(|(_, e)| matches!(e.role, Role::RunningMean | Role::RunningVar))
         .map(|(n, e)| (n.as_str(), e))
         .collect()
+}
+
+/// Checks that every candidate's BatchNorm statistics are exactly the running means and variances
+/// of `w0` (names, roles, shapes): for a receiver that kept `w0` from an earlier task.
+pub fn check_candidate_statistics(w0: &StateDict, bn: &[StateDict]) -> Result<()> {
+    let reference = running_statistics(w0);
+    bn.iter()
+        .try_for_each(|s| check_statistics("CandidateEvalTask.bn", &reference, s))
 }
 
 /// Checks that one candidate's statistics have exactly the tensors of `reference`, with their

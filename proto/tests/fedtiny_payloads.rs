@@ -13,8 +13,8 @@ use fedtiny_common::models::Model;
 use fedtiny_common::param::Role;
 use fedtiny_common::task::{Task, TaskResult};
 use fedtiny_proto::convert::{
-    MAX_CANDIDATES, WireError, check_answer, decode_result, decode_task, encode_result,
-    encode_task, result_to_pb, task_kind, task_to_pb,
+    MAX_CANDIDATES, WireError, check_answer, check_candidate_statistics, decode_result,
+    decode_task, encode_result, encode_task, result_to_pb, task_kind, task_to_pb,
 };
 use fedtiny_proto::pb;
 use prost::Message;
@@ -202,6 +202,43 @@ fn top_k_lists_travel_as_the_smaller_of_index_and_bitmap_values_with_the_tensor_
 }
 
 #[test]
+fn a_candidate_evaluation_without_w0_round_trips_small_and_its_statistics_are_still_checked() {
+    let w0 = dense();
+    let with = eval_candidates_task(&w0, 3, Allocation::Noise, true);
+    let Task::EvaluateCandidates(mut t) = with.clone() else {
+        panic!("not a candidate evaluation")
+    };
+    let w0_state = t.model.as_ref().unwrap().state.clone();
+    t.model = None;
+    let without = Task::EvaluateCandidates(t.clone());
+    let small = encode_task(&without, None).unwrap();
+    assert_eq!(decode_task(&small, None, &limits()).unwrap(), without);
+    let full = encode_task(&with, None).unwrap();
+    // w0 is the bulk of the full task; without it only the statistics travel.
+    assert!(
+        (small.len() as f64) < 0.2 * full.len() as f64,
+        "{} vs {}",
+        small.len(),
+        full.len()
+    );
+    // The receiver checks the statistics against the w0 it kept.
+    check_candidate_statistics(&w0_state, &t.bn).unwrap();
+    let mut short = t.bn.clone();
+    let name = short[1].entries.keys().next().unwrap().clone();
+    short[1].entries.remove(&name);
+    assert!(matches!(
+        check_candidate_statistics(&w0_state, &short),
+        Err(WireError::MissingTensor { ref tensor, .. }) if *tensor == name
+    ));
+    // Without a model on the wire, the sets must still agree with each other.
+    let e = corrupt_eval(|t| {
+        t.model = None;
+        t.bn[2].tensors.pop();
+    });
+    assert!(matches!(e, Err(WireError::MissingTensor { .. })), "{e:?}");
+}
+
+#[test]
 fn bn_statistics_travel_without_masks() {
     let w0 = dense();
     let task = eval_candidates_task(&w0, 3, Allocation::Noise, false);
@@ -354,7 +391,6 @@ fn missing_messages_are_typed_errors() {
         corrupt_calibrate(|t| t.validation = None),
         "CalibrateTask.validation",
     );
-    missing(corrupt_eval(|t| t.model = None), "CandidateEvalTask.model");
     missing(
         corrupt_eval(|t| t.candidates = None),
         "CandidateEvalTask.candidates",

@@ -23,7 +23,7 @@ use fedtiny_common::codec::Limits;
 use fedtiny_common::data::{Dataset, Normalization, Partitioner, Splits};
 use fedtiny_common::mask::MaskSet;
 use fedtiny_common::parallel;
-use fedtiny_common::task::{ClientId, Task};
+use fedtiny_common::task::{ClientId, ModelPayload, Task};
 use fedtiny_coordinator::config::FederatedConfig;
 use fedtiny_coordinator::engine::RoundEngine;
 use fedtiny_coordinator::evaluate::Evaluator;
@@ -186,11 +186,23 @@ struct Runner {
     normalization: Normalization,
     /// The mask set clients held last (see `Runner::intern`).
     masks: Mutex<Option<Arc<MaskSet>>>,
+    /// The `w0` clients kept last between the selection's round trips (see `Runner::intern_w0`).
+    /// Weak, so that it is freed when the last client releases it after stage 1c.
+    w0: Mutex<std::sync::Weak<ModelPayload>>,
+}
+
+/// What a simulated client keeps between tasks: the masks it adopted and, during adaptive
+/// BatchNorm selection, the `w0` of its calibration task. Both are shared among clients when
+/// equal.
+#[derive(Default)]
+struct Held {
+    masks: Option<Arc<MaskSet>>,
+    w0: Option<Arc<ModelPayload>>,
 }
 
 impl Runner {
-    /// Client `index`, built for one task: its data, and the masks it held after its last task.
-    fn client(&self, index: usize, held: Option<&MaskSet>) -> Result<ClientApp, Failure> {
+    /// Client `index`, built for one task: its data, and what it kept after its last task.
+    fn client(&self, index: usize, held: &Held) -> Result<ClientApp, Failure> {
         let indices = self
             .parts
             .get(index)
@@ -201,10 +213,29 @@ impl Runner {
             test: None,
             normalization: self.normalization.clone(),
         });
-        Ok(match held {
+        let app = match held.masks.as_deref() {
             Some(m) => app.with_masks(m.clone()),
             None => app,
+        };
+        Ok(match &held.w0 {
+            Some(w0) => app.with_w0(w0.clone()),
+            None => app,
         })
+    }
+
+    /// A shared copy of the `w0` a client kept, like [`Runner::intern`] for masks: the sampled
+    /// clients of a selection keep one copy among them.
+    fn intern_w0(&self, w0: &Arc<ModelPayload>) -> Arc<ModelPayload> {
+        let Ok(mut last) = self.w0.lock() else {
+            return w0.clone();
+        };
+        match last.upgrade() {
+            Some(m) if Arc::ptr_eq(&m, w0) || *m == **w0 => m,
+            _ => {
+                *last = Arc::downgrade(w0);
+                w0.clone()
+            }
+        }
     }
 
     /// A shared copy of the masks a client holds after a task: the copy other clients hold when
@@ -229,7 +260,7 @@ impl Runner {
 struct InProcessProxy {
     id: ClientId,
     index: usize,
-    held: Arc<Mutex<Option<Arc<MaskSet>>>>,
+    held: Arc<Mutex<Held>>,
     runner: Arc<Runner>,
 }
 
@@ -263,7 +294,7 @@ impl ClientProxy for InProcessProxy {
                     let mut held = held
                         .lock()
                         .map_err(|_| Failure::ClientError("client state poisoned".into()))?;
-                    let mut app = r2.client(index, held.as_deref())?;
+                    let mut app = r2.client(index, &held)?;
                     let task = convert::decode_task(&down, app.masks(), &r2.limits)
                         .map_err(|e| Failure::ClientError(format!("decoding the task: {e}")));
                     let result = task.and_then(|task| {
@@ -271,10 +302,11 @@ impl ClientProxy for InProcessProxy {
                             .map_err(|e| Failure::ClientError(e.to_string()))
                     });
                     // The client keeps the masks it adopted, whether or not the task succeeded.
-                    *held = app.masks().map(|m| r2.intern(m));
+                    held.masks = app.masks().map(|m| r2.intern(m));
+                    held.w0 = app.w0().map(|w| r2.intern_w0(w));
                     drop(app);
                     let empty = MaskSet::default();
-                    let masks = held.as_deref().unwrap_or(&empty);
+                    let masks = held.masks.as_deref().unwrap_or(&empty);
                     convert::encode_result(&result?, masks)
                         .map_err(|e| Failure::ClientError(format!("encoding the result: {e}")))
                 })();
@@ -346,13 +378,14 @@ pub async fn run_in_process(
         parts,
         normalization: norm.clone(),
         masks: Mutex::new(None),
+        w0: Mutex::new(std::sync::Weak::new()),
     });
     let clients: Vec<Arc<dyn ClientProxy>> = (0..count)
         .map(|i| {
             Arc::new(InProcessProxy {
                 id: ClientId(client_name(i)),
                 index: i,
-                held: Arc::new(Mutex::new(None)),
+                held: Arc::new(Mutex::new(Held::default())),
                 runner: runner.clone(),
             }) as Arc<dyn ClientProxy>
         })

@@ -11,6 +11,10 @@
 //!   server's or the averaged statistics); this is logged and recorded in the strategy state.
 //! - The adjustment counter `j` (which block is next) is checkpointed, so a resumed run continues
 //!   the cycle; it advances only when an adjustment was applied.
+//! - `w0` travels once: stage 1c goes only to the clients that answered stage 1a, which keep
+//!   `w0` between the two round trips (one dense model, the size of what they received) and
+//!   release it after 1c; a 1c task carries no model. A client that lost it answers with a typed
+//!   error and is left out of the selection's mean.
 //! - The bootstrap scratch (w0, averaged statistics) is not checkpointed: a coordinator stopped
 //!   during the selection redoes it.
 
@@ -277,7 +281,8 @@ impl Strategy for FedTiny {
                                 id.clone(),
                                 Task::EvaluateCandidates(CandidateEvalTask {
                                     round: 0,
-                                    model: self.payload(global, &w0),
+                                    // The client kept w0 from stage 1a: it travels once.
+                                    model: None,
                                     candidates: self.candidates(),
                                     bn: bn.clone(),
                                     batch_size: self.cfg.bn_batch_size,

@@ -265,7 +265,7 @@ pub fn eval_candidates_task(
 ) -> Task {
     Task::EvaluateCandidates(CandidateEvalTask {
         round: 0,
-        model: dense_payload(model, send_masks),
+        model: Some(dense_payload(model, send_masks)),
         candidates: candidates(n, allocation),
         bn: bn_stats(model, n, 5),
         batch_size: 128,
