@@ -67,28 +67,48 @@ pub fn random_masks(model: &Model, density: f64, rng: &mut Rng) -> Result<MaskSe
     Ok(set)
 }
 
-/// Layer-wise magnitude masks at `density`: each tensor keeps its largest-|w| entries.
-pub fn magnitude_masks(model: &Model, density: f64) -> Result<MaskSet> {
+/// Scores one prunable tensor (by name) for [`masks_from_scores`]; `None` leaves it unmasked.
+pub type TensorScores<'a> = dyn FnMut(&str, &crate::param::Param) -> Result<Option<Vec<f32>>> + 'a;
+
+/// Layer-wise masks at `density` from per-tensor scores: every prunable tensor for which `score`
+/// returns scores keeps its `uniform_budget` highest-scoring entries (ties to the lower index);
+/// a tensor it returns `None` for stays unmasked. The first error stops the scoring.
+pub fn masks_from_scores(
+    model: &Model,
+    density: f64,
+    score: &mut TensorScores<'_>,
+) -> Result<MaskSet> {
     check_density(density)?;
     let mut set = MaskSet::default();
     let mut err = None;
     model.visit(&mut |name, slot| {
+        if err.is_some() {
+            return;
+        }
         if let Slot::Param(p) = slot
             && p.prunable
         {
-            let score: Vec<f32> = p.value_dense().iter().map(|v| v.abs()).collect();
-            let keep = top_k(&score, uniform_budget(score.len(), density));
-            match Mask::from_indices(score.len(), &keep) {
-                Ok(m) => {
+            let mask = score(name, p).and_then(|s| {
+                s.map(|s| Mask::from_indices(s.len(), &top_k(&s, uniform_budget(s.len(), density))))
+                    .transpose()
+            });
+            match mask {
+                Ok(Some(m)) => {
                     set.masks.insert(name.to_string(), m);
                 }
-                Err(e) => {
-                    err.get_or_insert(e);
-                }
+                Ok(None) => {}
+                Err(e) => err = Some(e),
             }
         }
     });
     err.map_or(Ok(set), Err)
+}
+
+/// Layer-wise magnitude masks at `density`: each tensor keeps its largest-|w| entries.
+pub fn magnitude_masks(model: &Model, density: f64) -> Result<MaskSet> {
+    masks_from_scores(model, density, &mut |_, p| {
+        Ok(Some(p.value_dense().iter().map(|v| v.abs()).collect()))
+    })
 }
 
 #[cfg(test)]

@@ -14,10 +14,9 @@
 //!   score overflows `f32` (very deep networks), the rule fails with an error instead of ranking
 //!   infinities.
 
-use crate::layers::Slot;
-use crate::mask::{Mask, MaskSet};
+use crate::mask::MaskSet;
 use crate::models::Model;
-use crate::pruning::{check_density, top_k, uniform_budget};
+use crate::pruning::{check_density, masks_from_scores};
 use crate::tensor::{Mode, Tensor};
 use crate::{Error, Result};
 
@@ -46,38 +45,20 @@ pub fn synflow_masks(model: &Model, density: f64, iterations: u32) -> Result<Mas
             ));
         }
         net.backward(Tensor::ones(out.raw_dim()))?;
-        let mut next = MaskSet::default();
-        let mut err = None;
-        net.visit(&mut |name, slot| {
-            if let Slot::Param(p) = slot
-                && p.prunable
-            {
-                let (value, grad) = (p.value_dense(), p.grad_dense());
-                let score: Vec<f32> = value
-                    .iter()
-                    .zip(grad.iter())
-                    .map(|(w, g)| (w * g).abs())
-                    .collect();
-                if score.iter().any(|s| !s.is_finite()) {
-                    err.get_or_insert(Error::NonFinite(format!(
-                        "SynFlow scores of `{name}` overflowed"
-                    )));
-                    return;
-                }
-                let keep = top_k(&score, uniform_budget(score.len(), d_i));
-                match Mask::from_indices(score.len(), &keep) {
-                    Ok(m) => {
-                        next.masks.insert(name.to_string(), m);
-                    }
-                    Err(e) => {
-                        err.get_or_insert(e);
-                    }
-                }
+        let next = masks_from_scores(&net, d_i, &mut |name, p| {
+            let score: Vec<f32> = p
+                .value_dense()
+                .iter()
+                .zip(p.grad_dense().iter())
+                .map(|(w, g)| (w * g).abs())
+                .collect();
+            if score.iter().any(|s| !s.is_finite()) {
+                return Err(Error::NonFinite(format!(
+                    "SynFlow scores of `{name}` overflowed"
+                )));
             }
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
+            Ok(Some(score))
+        })?;
         masks = next;
     }
     Ok(masks)
@@ -86,8 +67,9 @@ pub fn synflow_masks(model: &Model, density: f64, iterations: u32) -> Result<Mas
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::SlotMut;
+    use crate::layers::{Slot, SlotMut};
     use crate::models::{Arch, ModelSpec};
+    use crate::pruning::uniform_budget;
 
     fn cnn() -> Model {
         let spec = ModelSpec::new(Arch::Cnn, [8, 8, 1], 3, 0.25).unwrap();

@@ -73,8 +73,8 @@ pub fn snip_masks(
 ) -> Result<fedtiny_common::mask::MaskSet> {
     use fedtiny_common::layers::Slot;
     use fedtiny_common::loss::softmax_cross_entropy;
-    use fedtiny_common::mask::{Mask, MaskSet};
-    use fedtiny_common::pruning::{top_k, uniform_budget};
+    use fedtiny_common::mask::MaskSet;
+    use fedtiny_common::pruning::masks_from_scores;
     use fedtiny_common::tensor::{Mode, from_vec};
 
     fedtiny_common::pruning::check_density(density)?;
@@ -111,33 +111,15 @@ pub fn snip_masks(
                 }
             });
         }
-        let mut next = MaskSet::default();
-        let mut err = None;
-        model.visit(&mut |name, slot| {
-            if let Slot::Param(p) = slot
-                && p.prunable
-                && let Some(g) = grad_sum.get(name)
-            {
-                let score: Vec<f32> = p
-                    .value_dense()
+        let next = masks_from_scores(&model, d_i, &mut |name, p| {
+            Ok(grad_sum.get(name).map(|g| {
+                p.value_dense()
                     .iter()
                     .zip(g)
                     .map(|(w, g)| (f64::from(*w) * g).abs() as f32)
-                    .collect();
-                let keep = top_k(&score, uniform_budget(score.len(), d_i));
-                match Mask::from_indices(score.len(), &keep) {
-                    Ok(m) => {
-                        next.masks.insert(name.to_string(), m);
-                    }
-                    Err(e) => {
-                        err.get_or_insert(e);
-                    }
-                }
-            }
-        });
-        if let Some(e) = err {
-            return Err(e.into());
-        }
+                    .collect()
+            }))
+        })?;
         masks = next;
     }
     Ok(masks)

@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 
-use fedtiny_common::aggregate::fedavg;
 use fedtiny_common::fedtiny::{adjust_count, alpha_at, prune_and_grow};
 use fedtiny_common::mask::Mask;
 use fedtiny_common::state::StateDict;
@@ -228,11 +227,7 @@ impl Strategy for Dynamic {
         results: &[(ClientId, TrainResult)],
         _failures: &[(ClientId, Failure)],
     ) -> Result<()> {
-        let contributions: Vec<(usize, &StateDict)> = results
-            .iter()
-            .map(|(_, r)| (r.num_samples, &r.state))
-            .collect();
-        let mut avg = fedavg(&global.state, &contributions)?;
+        let mut avg = super::average_states(&global.state, results)?;
         if self.request(round, global).is_empty() || results.is_empty() {
             global.state = avg;
             return Ok(());

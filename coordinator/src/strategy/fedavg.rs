@@ -4,7 +4,6 @@
 //! sample counts.
 
 use crate::stage0::{ServerSet, pre_train, snip_masks};
-use fedtiny_common::aggregate::fedavg;
 use fedtiny_common::mask::MaskSet;
 use fedtiny_common::pruning::{magnitude_masks, random_masks};
 use fedtiny_common::rng;
@@ -109,11 +108,7 @@ impl Strategy for FedAvg {
         results: &[(ClientId, TrainResult)],
         _failures: &[(ClientId, Failure)],
     ) -> Result<()> {
-        let contributions: Vec<(usize, &fedtiny_common::state::StateDict)> = results
-            .iter()
-            .map(|(_, r)| (r.num_samples, &r.state))
-            .collect();
-        global.state = fedavg(&global.state, &contributions)?;
+        global.state = super::average_states(&global.state, results)?;
         Ok(())
     }
 }

@@ -351,11 +351,7 @@ impl Strategy for FedTiny {
         results: &[(ClientId, TrainResult)],
         _failures: &[(ClientId, Failure)],
     ) -> Result<()> {
-        let contributions: Vec<(usize, &StateDict)> = results
-            .iter()
-            .map(|(_, r)| (r.num_samples, &r.state))
-            .collect();
-        global.state = fedavg(&global.state, &contributions)?;
+        global.state = super::average_states(&global.state, results)?;
         let request = self.adjust_request(round, global);
         if request.is_empty() {
             return Ok(());

@@ -2,9 +2,7 @@
 //! dense (from the stage-0 weights) and every ΔT rounds until T_end the global model is pruned by
 //! magnitude, layer-wise, to density `1 − (1 − d)·t / T_end`, reaching `d` at T_end.
 
-use fedtiny_common::aggregate::fedavg;
 use fedtiny_common::pruning::magnitude_masks;
-use fedtiny_common::state::StateDict;
 use fedtiny_common::task::{ClientId, LocalTraining, Task, TrainResult};
 
 use super::Strategy;
@@ -86,11 +84,7 @@ impl Strategy for IterativeMagnitude {
         results: &[(ClientId, TrainResult)],
         _failures: &[(ClientId, Failure)],
     ) -> Result<()> {
-        let contributions: Vec<(usize, &StateDict)> = results
-            .iter()
-            .map(|(_, r)| (r.num_samples, &r.state))
-            .collect();
-        global.state = fedavg(&global.state, &contributions)?;
+        global.state = super::average_states(&global.state, results)?;
         if let Some(d) = self.target(round) {
             let masks = magnitude_masks(&global.to_model()?, d.clamp(self.density, 1.0))?;
             global.set_masks(masks)?;

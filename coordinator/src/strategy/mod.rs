@@ -104,6 +104,22 @@ pub fn train_tasks(
         .collect()
 }
 
+/// The sample-weighted FedAvg of every state entry of the round's results (`p_k = n_k / Σ n`),
+/// checked against the layout of `reference` (the global state they trained from).
+pub fn average_states(
+    reference: &fedtiny_common::state::StateDict,
+    results: &[(ClientId, TrainResult)],
+) -> Result<fedtiny_common::state::StateDict> {
+    let contributions: Vec<(usize, &fedtiny_common::state::StateDict)> = results
+        .iter()
+        .map(|(_, r)| (r.num_samples, &r.state))
+        .collect();
+    Ok(fedtiny_common::aggregate::fedavg(
+        reference,
+        &contributions,
+    )?)
+}
+
 /// The sample-weighted sum `Σ_k p_k v_{k,i}` of the clients' lists for tensor `name` (0 where a
 /// client did not report `i`; `p_k = n_k / Σ n`), ascending by index.
 pub fn aggregate_lists(results: &[(ClientId, TrainResult)], name: &str) -> Vec<(u32, f32)> {
