@@ -324,6 +324,13 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Resets this process's peak resident set size (`VmHWM`) to its current resident size, so that
+/// a later [`peak_rss_bytes`] covers only what ran after the reset (Linux: `/proc/self/clear_refs`).
+/// Returns whether the OS accepted the reset; elsewhere the peak stays cumulative.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", b"5").is_ok()
+}
+
 /// Model-state bytes a live model and its optimizer actually hold (measured from their storage,
 /// not modelled): see [`held_model_state`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -431,15 +438,15 @@ mod tests {
                 params: 4 * (55 + 6),
                 grads: 4 * 55,
                 optimizer: 2 * 4 * 55,
-                cached_per_sample: 4 * 244,
+                cached_per_sample: 4 * 220,
                 transient_per_sample: 4 * 32,
             }
         );
         assert_eq!(f.model_state(), 244 + 220 + 440);
-        assert_eq!(f.peak_bytes(8), 904 + 8 * (976 + 128));
+        assert_eq!(f.peak_bytes(8), 904 + 8 * (880 + 128));
         assert_eq!(
             predict_train_peak(&tiny(), None, 8, &adam(), Storage::Dense).unwrap(),
-            9_736
+            8_968
         );
         // SGD with momentum keeps one value per trainable value, without momentum none.
         let sgd = |momentum| OptimizerConfig::Sgd {

@@ -273,7 +273,13 @@ pub struct RunRecord {
     pub train_flops: f64,
     /// Modelled client memory (model state + activations) at the final masks, in bytes.
     pub memory_bytes: u64,
-    /// Largest peak RSS a client reported (in process: the simulation's).
+    /// Modelled client model state (parameters + gradients + optimizer state) at the final masks,
+    /// in bytes.
+    #[serde(default)]
+    pub model_state_bytes: u64,
+    /// Largest peak RSS a client reported. In process that is the simulation process's peak
+    /// (coordinator, the clients training at once, the shared data), reset at each run's start
+    /// where the OS allows it.
     pub peak_rss_bytes: Option<u64>,
     /// Mean bytes per participating client per round without a mask change, down and up.
     pub bytes_per_round: (f64, f64),
@@ -354,6 +360,8 @@ pub async fn run(
         if report_only {
             continue;
         }
+        // Each run's reported peak covers that run only, not the runs before it.
+        cost::reset_peak_rss();
         let (summary, run_dir) =
             run_in_process(&sim, train.clone(), test.clone(), stop.clone()).await?;
         if summary.interrupted {
@@ -430,6 +438,7 @@ fn record_of(
             (1.0 - f) * flops.train_sparse() + f * flops.train_sparse_with_dense_grad()
         },
         memory_bytes: memory.total(),
+        model_state_bytes: memory.model_state(),
         peak_rss_bytes: metrics.iter().filter_map(|m| m.client_peak_rss_bytes).max(),
         bytes_per_round: (
             summary.mean_bytes_down_per_client,
@@ -492,6 +501,19 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
+/// What the columns of `results.md` measure, printed under the table.
+const TABLE_LEGEND: &str = "
+Columns: final accuracy on the test split after the last round (mean ± sample sd over seeds);
+training FLOPs per sample at the final masks (dense-gradient steps of adjustment rounds included);
+model state = parameters + gradients + optimizer state a client holds, modelled (active values
+and their indices for sparse methods); + activations = the modelled training peak at the batch
+size; sim peak RSS = the simulation process's measured peak resident memory during the run
+(coordinator, the clients training at once and the shared data, so it does not separate
+methods); bytes per client and training round without a mask change, then over all rounds
+(selection, mask changes and adjustment uploads included) per participation; wall-clock
+seconds per run.
+";
+
 /// Writes `results.md`, `results.csv`, `records.json` and one accuracy plot per density.
 pub fn write_report(
     dir: &RunDir,
@@ -499,15 +521,19 @@ pub fn write_report(
     records: &[RunRecord],
 ) -> Result<Vec<PathBuf>> {
     let dense = records.iter().find(|r| r.method == Method::FedavgDense);
-    let (dense_flops, dense_mem) = dense.map_or((f64::NAN, f64::NAN), |d| {
-        (d.train_flops, d.memory_bytes as f64)
+    let (dense_flops, dense_mem, dense_state) = dense.map_or((f64::NAN, f64::NAN, f64::NAN), |d| {
+        (
+            d.train_flops,
+            d.memory_bytes as f64,
+            d.model_state_bytes as f64,
+        )
     });
     let mut md = String::from(
-        "| method | density | seeds | final accuracy (mean ± sd) | train FLOPs/sample | × dense | client memory (model) | × dense | peak RSS | bytes/round/client down | up | all rounds down | up | s/run |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| method | density | seeds | final accuracy (mean ± sd) | train FLOPs/sample | × dense | model state | × dense | model state + activations | × dense | sim peak RSS | bytes/round/client down | up | all rounds down | up | s/run |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut csv = String::from(
-        "method,density,seeds,accuracy_mean,accuracy_sd,train_flops_per_sample,flops_vs_dense,memory_bytes,memory_vs_dense,peak_rss_bytes,bytes_down_per_round,bytes_up_per_round,bytes_down_all_rounds,bytes_up_all_rounds,seconds_per_run\n",
+        "method,density,seeds,accuracy_mean,accuracy_sd,train_flops_per_sample,flops_vs_dense,model_state_bytes,model_state_vs_dense,memory_bytes,memory_vs_dense,peak_rss_bytes,bytes_down_per_round,bytes_up_per_round,bytes_down_all_rounds,bytes_up_all_rounds,seconds_per_run\n",
     );
     let mut groups: Vec<(Method, f64)> = Vec::new();
     for r in records {
@@ -524,6 +550,7 @@ pub fn write_report(
         let (mean, sd) = mean_sd(&acc);
         let flops = rs[0].train_flops;
         let mem = rs[0].memory_bytes as f64;
+        let state = rs[0].model_state_bytes as f64;
         let rss = rs.iter().filter_map(|r| r.peak_rss_bytes).max();
         let down = rs.iter().map(|r| r.bytes_per_round.0).sum::<f64>() / rs.len() as f64;
         let up = rs.iter().map(|r| r.bytes_per_round.1).sum::<f64>() / rs.len() as f64;
@@ -531,7 +558,7 @@ pub fn write_report(
         let all_up = rs.iter().map(|r| r.bytes_all_rounds.1).sum::<f64>() / rs.len() as f64;
         let secs = rs.iter().map(|r| r.seconds).sum::<f64>() / rs.len() as f64;
         md.push_str(&format!(
-            "| {} | {} | {} | {:.2} ± {:.2} % | {:.2} M | {:.3} | {:.2} MiB | {:.3} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            "| {} | {} | {} | {:.2} ± {:.2} % | {:.2} M | {:.3} | {:.3} MiB | {:.3} | {:.2} MiB | {:.3} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
             m.name(),
             d,
             rs.len(),
@@ -539,6 +566,8 @@ pub fn write_report(
             100.0 * sd,
             flops / 1e6,
             flops / dense_flops,
+            state / (1 << 20) as f64,
+            state / dense_state,
             mem / (1 << 20) as f64,
             mem / dense_mem,
             rss.map_or("–".into(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)),
@@ -549,7 +578,7 @@ pub fn write_report(
             secs
         ));
         csv.push_str(&format!(
-            "{},{},{},{:.6},{:.6},{:.0},{:.6},{:.0},{:.6},{},{:.0},{:.0},{:.0},{:.0},{:.1}\n",
+            "{},{},{},{:.6},{:.6},{:.0},{:.6},{:.0},{:.6},{:.0},{:.6},{},{:.0},{:.0},{:.0},{:.0},{:.1}\n",
             m.name(),
             d,
             rs.len(),
@@ -557,6 +586,8 @@ pub fn write_report(
             sd,
             flops,
             flops / dense_flops,
+            state,
+            state / dense_state,
             mem,
             mem / dense_mem,
             rss.map_or(String::new(), |b| b.to_string()),
@@ -567,6 +598,7 @@ pub fn write_report(
             secs
         ));
     }
+    md.push_str(TABLE_LEGEND);
     let mut written = vec![
         dir.write("results.md", md.as_bytes())?,
         dir.write("results.csv", csv.as_bytes())?,
