@@ -110,7 +110,7 @@ fn masked<L: Layer>(mut layer: L, density: f64) -> L {
 }
 
 #[test]
-fn conv_reuses_its_output_buffer_and_steps_equal_fresh_layers() {
+fn conv_steps_equal_fresh_layers() {
     let mut r = rng::seeded(1);
     for (cin, cout, k, stride, pad, bias, sparse) in [
         (3, 4, 3, 1, 1, false, None),
@@ -133,8 +133,9 @@ fn conv_reuses_its_output_buffer_and_steps_equal_fresh_layers() {
         let first = random(&[2, 6, 5, cin], &mut r);
         let same = random(&[2, 6, 5, cin], &mut r);
         let other = random(&[3, 5, 5, cin], &mut r);
-        let reused = check_reuse(&name, &make, &first, &[same, other.clone()], Mode::Train);
-        assert_eq!(reused, [true, false], "{name}: output buffer reuse");
+        // Conv allocates its output each step (see `Conv2d`); its kept scratch must still
+        // leave every step equal to a fresh layer's.
+        check_reuse(&name, &make, &first, &[same, other.clone()], Mode::Train);
         // The stem computes no input gradient.
         let make_stem = move || -> Box<dyn Layer> {
             Box::new(

@@ -11,11 +11,12 @@
 //! Buffers are reused from one training step to the next without holding more memory at the
 //! step's peak (the end of the forward pass): elementwise layers work in place in the buffer
 //! they are handed; what a layer keeps for its backward pass lives in a buffer it gets back
-//! after that pass; and a layer whose output cannot be its input's buffer (conv, max-pool)
-//! writes it into the buffer of the previous step's output gradient, which has the output's
-//! shape. A buffer is only resized when the batch shape changes. The one fresh buffer left per
-//! conv and max-pool step is the input gradient: the input's own buffer is released in the
-//! forward pass, and keeping it until the backward pass would raise the peak.
+//! after that pass; max-pool writes its (quarter-size) output into the buffer of the previous
+//! step's output gradient. A buffer is only resized when the batch shape changes. Convolutions
+//! allocate their output and input gradient each step: holding their output gradients through
+//! the backward pass for the next forward raised the measured peak (see [`Conv2d`]), and the
+//! input's own buffer is released in the forward pass because keeping it until the backward
+//! pass would raise the peak too.
 //!
 //! A BatchNorm directly followed by a ReLU runs as one layer ([`BatchNorm2d::with_relu`]),
 //! with the same named tensors and results as the two layers.
