@@ -9,7 +9,8 @@
 # Environment: N (clients, default 5), ROUNDS (default from the config), DATA_DIR (default
 # data/fashion-mnist-sample), ALPHA (default 0.5), SEED (must match the config's run.seed,
 # default 1), CONFIG (default simulations/configs/local-cnn.toml), OUT (run folder parent,
-# default runs), THREADS (kernel threads per client, default 1).
+# default runs), THREADS (kernel threads per client, default 1). Binaries are built into
+# CARGO_TARGET_DIR when it is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,7 @@ NAME="local-$(date +%Y%m%d-%H%M%S)"
 WORK="$OUT/$NAME.work"
 
 cargo build --release -q -p fedtiny-coordinator -p fedtiny-client -p fedtiny-simulations
-BIN=target/release
+BIN="${CARGO_TARGET_DIR:-target}/release"
 mkdir -p "$WORK"
 "$BIN/fedtiny-coordinator" certs --out "$WORK/pki" --clients "$N" >/dev/null
 

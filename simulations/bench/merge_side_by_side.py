@@ -18,6 +18,17 @@ import statistics
 import sys
 
 
+
+def load_note(machine):
+    """Says whether other work shared the machine, from the 1-minute load averages around the
+    run (the benches themselves keep `threads` cores busy)."""
+    loads = [float(machine[k].split()[0]) for k in ("loadavg_start", "loadavg_end")]
+    if max(loads) > machine["nproc"] + 0.5:
+        return ("The machine was shared with other work during the run (load averages below), "
+                "so absolute figures are noisy; the ratios within this run are what matter.")
+    return ("Nothing else ran on the machine (load averages below, the benches' own threads "
+            "included); the ratios within this run are still what matter.")
+
 def fmt_width(w: float) -> str:
     return {0.25: "¼", 0.5: "½"}.get(w, f"{w:g}")
 
@@ -96,8 +107,7 @@ def main() -> int:
         "Adam (lr 1e-3, AMSGrad, weight decay 1e-4), synthetic batch, samples/s = median over "
         f"repeats. {steps_note}. fedtiny: random layer-wise masks at each density (densities of a "
         "model measured round-robin); PyTorch: dense only, run right before and right after fedtiny "
-        "for each case, median over the repeats of both runs. The machine was shared with other work during the run (load averages below), "
-        "so absolute figures are noisy; the ratios within this run are what matter.",
+        "for each case, median over the repeats of both runs. " + load_note(machine),
         "",
         "| model | width | density | fedtiny samples/s | speed-up vs fedtiny dense "
         "| PyTorch dense samples/s | fedtiny ÷ PyTorch |",
