@@ -20,6 +20,8 @@
 //! analytic −1.311).
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use fedtiny_common::kernels::sparse::policy::SparseMode;
 use fedtiny_common::layers::*;
 use fedtiny_common::loss::softmax_cross_entropy;
@@ -29,6 +31,7 @@ use fedtiny_common::rng::{self, Rng};
 use fedtiny_common::tensor::{Mode, Tensor, from_vec};
 use rand::RngExt;
 use rand::seq::SliceRandom;
+use support::shaped_batchnorm;
 
 const EPS: f64 = 1e-3;
 /// Step of the whole-model directional checks (see `model_gradients_end_to_end`).
@@ -303,19 +306,7 @@ fn linear_gradients_with_sparse_masks() {
 #[test]
 fn batchnorm_gradients_nhwc_and_features() {
     let mut r = rng::seeded(3);
-    let make = || -> Box<dyn Layer> {
-        let mut bn = BatchNorm2d::new(3);
-        // Non-trivial γ, β so their gradients and the input gradient are all exercised.
-        bn.visit_mut("", &mut |name, slot| {
-            if let SlotMut::Param(p) = slot {
-                let base = if name == "weight" { 1.5 } else { 0.3 };
-                for (i, v) in p.value.iter_mut().enumerate() {
-                    *v = base - 0.4 * i as f32;
-                }
-            }
-        });
-        Box::new(bn)
-    };
+    let make = || -> Box<dyn Layer> { Box::new(shaped_batchnorm(3)) };
     check(
         "batchnorm nhwc",
         &make,
@@ -383,26 +374,6 @@ fn fused_batchnorm_relu_gradients() {
         &random_tensor(&[6, 3], &mut r),
         60,
     );
-}
-
-/// BatchNorm with non-trivial γ, β and running statistics.
-fn shaped_batchnorm(c: usize) -> BatchNorm2d {
-    let mut bn = BatchNorm2d::new(c);
-    bn.visit_mut("", &mut |name, slot| match slot {
-        SlotMut::Param(p) => {
-            let base = if name == "weight" { 1.5 } else { 0.3 };
-            for (i, v) in p.value.iter_mut().enumerate() {
-                *v = base - 0.4 * i as f32;
-            }
-        }
-        SlotMut::Buffer(_, t) => {
-            let base = if name == "running_mean" { 0.2 } else { 0.5 };
-            for (i, v) in t.iter_mut().enumerate() {
-                *v = base + 0.3 * i as f32;
-            }
-        }
-    });
-    bn
 }
 
 /// The fused layer equals BatchNorm followed by ReLU in every mode: outputs, input gradients,

@@ -8,6 +8,8 @@
 //! second on a freshly built model holding the same state.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use fedtiny_common::kernels::sparse::policy::SparseMode;
 use fedtiny_common::layers::*;
 use fedtiny_common::loss::softmax_cross_entropy;
@@ -17,6 +19,7 @@ use fedtiny_common::optim::OptimizerConfig;
 use fedtiny_common::rng::{self, Rng};
 use fedtiny_common::tensor::{Mode, Tensor, from_vec};
 use rand::RngExt;
+use support::shaped_batchnorm;
 
 fn random(shape: &[usize], r: &mut Rng) -> Tensor {
     let n = shape.iter().product();
@@ -149,21 +152,7 @@ fn conv_steps_equal_fresh_layers() {
 }
 
 fn batchnorm(c: usize, relu: bool) -> BatchNorm2d {
-    let mut bn = BatchNorm2d::new(c);
-    bn.visit_mut("", &mut |name, slot| match slot {
-        SlotMut::Param(p) => {
-            let base = if name == "weight" { 1.5 } else { 0.3 };
-            for (i, v) in p.value.iter_mut().enumerate() {
-                *v = base - 0.4 * i as f32;
-            }
-        }
-        SlotMut::Buffer(_, t) => {
-            let base = if name == "running_mean" { 0.2 } else { 0.5 };
-            for (i, v) in t.iter_mut().enumerate() {
-                *v = base + 0.3 * i as f32;
-            }
-        }
-    });
+    let bn = shaped_batchnorm(c);
     if relu { bn.with_relu("relu") } else { bn }
 }
 

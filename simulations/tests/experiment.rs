@@ -3,7 +3,9 @@
 //! running them again and adds new methods; `--report-only` runs nothing.
 #![allow(clippy::unwrap_used)]
 
-use fedtiny_simulations::experiment::{self, DEFAULT_EXPERIMENT, ExperimentConfig, Method};
+use fedtiny_simulations::experiment::{
+    self, DEFAULT_EXPERIMENT, ExperimentConfig, Method, RunRecord,
+};
 use fedtiny_simulations::federated;
 
 fn small(out: &std::path::Path, methods: &[Method]) -> ExperimentConfig {
@@ -39,6 +41,30 @@ fn csv_rows(dir: &std::path::Path) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Runs (or resumes, or reports) `cfg` and returns its folder, records and, per run reported,
+/// the method and whether it was read back instead of run.
+async fn sweep(
+    cfg: &ExperimentConfig,
+    resume: Option<&std::path::Path>,
+    report_only: bool,
+) -> (std::path::PathBuf, Vec<RunRecord>, Vec<(Method, bool)>) {
+    let (train, test) = federated::load_data(&cfg.base).unwrap();
+    let (_tx, stop) = tokio::sync::watch::channel(false);
+    let mut ran = Vec::new();
+    let (dir, records) = experiment::run(
+        cfg,
+        resume,
+        report_only,
+        train,
+        test,
+        stop,
+        &mut |_, _, r, reused| ran.push((r.method, reused)),
+    )
+    .await
+    .unwrap();
+    (dir.path().to_path_buf(), records, ran)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_writes_its_table_and_plots_and_resumes_without_rerunning() {
     let tmp = tempfile::tempdir().unwrap();
@@ -46,23 +72,9 @@ async fn a_sweep_writes_its_table_and_plots_and_resumes_without_rerunning() {
         tmp.path(),
         &[Method::Fedtiny, Method::FedavgDense, Method::Random],
     );
-    let (train, test) = federated::load_data(&cfg.base).unwrap();
-    let (_tx, stop) = tokio::sync::watch::channel(false);
-    let mut ran = Vec::new();
-    let (dir, records) = experiment::run(
-        &cfg,
-        None,
-        false,
-        train.clone(),
-        test.clone(),
-        stop.clone(),
-        &mut |_, _, r, reused| ran.push((r.method, reused)),
-    )
-    .await
-    .unwrap();
+    let (dir, records, ran) = sweep(&cfg, None, false).await;
     assert_eq!(records.len(), 3);
     assert!(ran.iter().all(|(_, reused)| !reused));
-    let dir = dir.path().to_path_buf();
 
     // The table: a header and one row per (method, density), with its accounting.
     let rows = csv_rows(&dir);
@@ -114,18 +126,7 @@ async fn a_sweep_writes_its_table_and_plots_and_resumes_without_rerunning() {
             Method::Magnitude,
         ],
     );
-    let mut ran = Vec::new();
-    let (_, again) = experiment::run(
-        &more,
-        Some(&dir),
-        false,
-        train.clone(),
-        test.clone(),
-        stop.clone(),
-        &mut |_, _, r, reused| ran.push((r.method, reused)),
-    )
-    .await
-    .unwrap();
+    let (_, again, ran) = sweep(&more, Some(&dir), false).await;
     assert_eq!(again.len(), 4);
     assert_eq!(ran.iter().filter(|(_, reused)| *reused).count(), 3);
     assert_eq!(
@@ -151,18 +152,7 @@ async fn a_sweep_writes_its_table_and_plots_and_resumes_without_rerunning() {
             Method::Snip,
         ],
     );
-    let mut ran = Vec::new();
-    let (_, reported) = experiment::run(
-        &unrun,
-        Some(&dir),
-        true,
-        train,
-        test,
-        stop,
-        &mut |_, _, r, reused| ran.push((r.method, reused)),
-    )
-    .await
-    .unwrap();
+    let (_, reported, ran) = sweep(&unrun, Some(&dir), true).await;
     assert_eq!(reported.len(), 4);
     assert!(ran.iter().all(|(_, reused)| *reused));
     assert!(!dir.join("runs").join("snip-d0.05-s3").exists());
@@ -171,14 +161,14 @@ async fn a_sweep_writes_its_table_and_plots_and_resumes_without_rerunning() {
     let mut other = small(tmp.path(), &[Method::Fedtiny]);
     other.base.federation.run.rounds = 4;
     let (train, test) = federated::load_data(&other.base).unwrap();
-    let (_tx2, stop2) = tokio::sync::watch::channel(false);
+    let (_tx, stop) = tokio::sync::watch::channel(false);
     let err = experiment::run(
         &other,
         Some(&dir),
         false,
         train,
         test,
-        stop2,
+        stop,
         &mut |_, _, _, _| {},
     )
     .await
