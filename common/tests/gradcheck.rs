@@ -27,11 +27,11 @@ use fedtiny_common::layers::*;
 use fedtiny_common::loss::softmax_cross_entropy;
 use fedtiny_common::mask::Mask;
 use fedtiny_common::models::{Arch, Model, ModelSpec};
-use fedtiny_common::rng::{self, Rng};
+use fedtiny_common::rng;
 use fedtiny_common::tensor::{Mode, Tensor, from_vec};
 use rand::RngExt;
 use rand::seq::SliceRandom;
-use support::shaped_batchnorm;
+use support::{random_tensor, shaped_batchnorm};
 
 const EPS: f64 = 1e-3;
 /// Step of the whole-model directional checks (see `model_gradients_end_to_end`).
@@ -49,19 +49,6 @@ const MODEL_REL_TOL: f64 = 1e-1;
 const MODEL_ABS_TOL: f64 = 0.1;
 const REL_TOL: f64 = 1e-2;
 const ABS_TOL: f64 = 2e-3;
-
-fn random_tensor(shape: &[usize], r: &mut Rng) -> Tensor {
-    let n = shape.iter().product();
-    // Magnitudes in [0.1, 1] with random signs: no value sits within ε of a ReLU kink, and
-    // max-pool windows rarely tie.
-    let v = (0..n)
-        .map(|_| {
-            let m: f32 = r.random_range(0.1..1.0);
-            if r.random::<bool>() { m } else { -m }
-        })
-        .collect();
-    from_vec(shape, v).unwrap()
-}
 
 fn objective(y: &Tensor, proj: &Tensor) -> f64 {
     y.iter()

@@ -13,6 +13,8 @@
 //!   parameters + gradients + optimizer state.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use fedtiny_common::cost::held_model_state;
 use fedtiny_common::fedtiny::top_k_pruned_gradient;
 use fedtiny_common::kernels::sparse::policy::SparseMode;
@@ -24,22 +26,9 @@ use fedtiny_common::optim::{Optimizer, OptimizerConfig};
 use fedtiny_common::param::Param;
 use fedtiny_common::pruning::random_masks;
 use fedtiny_common::rng::{self, Rng};
-use fedtiny_common::tensor::{Mode, Tensor, from_vec};
+use fedtiny_common::tensor::{Mode, Tensor};
 use rand::RngExt;
-use rand::seq::SliceRandom;
-
-fn random_tensor(shape: &[usize], r: &mut Rng) -> Tensor {
-    let n = shape.iter().product();
-    from_vec(shape, (0..n).map(|_| r.random_range(-1.0..1.0)).collect()).unwrap()
-}
-
-fn random_mask(len: usize, density: f64, r: &mut Rng) -> Mask {
-    let keep = ((density * len as f64).round() as usize).max(1);
-    let mut idx: Vec<usize> = (0..len).collect();
-    idx.shuffle(r);
-    idx.truncate(keep);
-    Mask::from_indices(len, &idx).unwrap()
-}
+use support::{random_mask, random_tensor};
 
 fn bits(t: &Tensor) -> Vec<u32> {
     t.iter().map(|v| v.to_bits()).collect()

@@ -17,18 +17,9 @@ use fedtiny_common::mask::{Mask, MaskSet};
 use fedtiny_common::models::{Arch, Model, ModelSpec};
 use fedtiny_common::optim::OptimizerConfig;
 use fedtiny_common::rng::{self, Rng};
-use fedtiny_common::tensor::{Mode, Tensor, from_vec};
+use fedtiny_common::tensor::{Mode, Tensor};
 use rand::RngExt;
-use support::shaped_batchnorm;
-
-fn random(shape: &[usize], r: &mut Rng) -> Tensor {
-    let n = shape.iter().product();
-    from_vec(
-        shape,
-        (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect(),
-    )
-    .unwrap()
-}
+use support::{random_tensor, shaped_batchnorm};
 
 fn nan(shape: &[usize]) -> Tensor {
     Tensor::from_elem(ndarray::IxDyn(shape), f32::NAN)
@@ -72,7 +63,7 @@ fn check_reuse(
     for (i, x) in inputs.iter().enumerate() {
         let y = layer.forward(x.clone(), mode).unwrap();
         reused.push(y.as_ptr() == last_grad);
-        let g = random(y.shape(), &mut r);
+        let g = random_tensor(y.shape(), &mut r);
         last_grad = g.as_ptr();
         let dx = layer.backward(g.clone()).unwrap();
         let mut fresh = make();
@@ -133,9 +124,9 @@ fn conv_steps_equal_fresh_layers() {
                 None => conv.with_sparse_mode(SparseMode::Never),
             })
         };
-        let first = random(&[2, 6, 5, cin], &mut r);
-        let same = random(&[2, 6, 5, cin], &mut r);
-        let other = random(&[3, 5, 5, cin], &mut r);
+        let first = random_tensor(&[2, 6, 5, cin], &mut r);
+        let same = random_tensor(&[2, 6, 5, cin], &mut r);
+        let other = random_tensor(&[3, 5, 5, cin], &mut r);
         // Conv allocates its output each step (see `Conv2d`); its kept scratch must still
         // leave every step equal to a fresh layer's.
         check_reuse(&name, &make, &first, &[same, other.clone()], Mode::Train);
@@ -163,16 +154,19 @@ fn batchnorm_works_in_place_and_steps_equal_fresh_layers() {
         for mode in [Mode::Train, Mode::Frozen] {
             let name = format!("batchnorm relu {relu} {mode:?}");
             let make = move || -> Box<dyn Layer> { Box::new(batchnorm(3, relu)) };
-            let first = random(&[2, 4, 4, 3], &mut r);
-            let inputs = [random(&[2, 4, 4, 3], &mut r), random(&[3, 2, 5, 3], &mut r)];
+            let first = random_tensor(&[2, 4, 4, 3], &mut r);
+            let inputs = [
+                random_tensor(&[2, 4, 4, 3], &mut r),
+                random_tensor(&[3, 2, 5, 3], &mut r),
+            ];
             check_reuse(&name, &make, &first, &inputs, mode);
             // The output is the input's buffer, the input gradient the output gradient's.
             let mut bn = make();
-            let x = random(&[2, 4, 4, 3], &mut r);
+            let x = random_tensor(&[2, 4, 4, 3], &mut r);
             let p = x.as_ptr();
             let y = bn.forward(x, mode).unwrap();
             assert_eq!(y.as_ptr(), p, "{name}: forward in place");
-            let g = random(y.shape(), &mut r);
+            let g = random_tensor(y.shape(), &mut r);
             let p = g.as_ptr();
             assert_eq!(
                 bn.backward(g).unwrap().as_ptr(),
@@ -189,8 +183,11 @@ fn maxpool_reuses_its_output_buffer_and_steps_equal_fresh_layers() {
     for (k, stride) in [(2, 2), (3, 2)] {
         let name = format!("maxpool {k}/{stride}");
         let make = move || -> Box<dyn Layer> { Box::new(MaxPool2d::new(k, stride)) };
-        let first = random(&[2, 6, 7, 3], &mut r);
-        let inputs = [random(&[2, 6, 7, 3], &mut r), random(&[3, 5, 5, 3], &mut r)];
+        let first = random_tensor(&[2, 6, 7, 3], &mut r);
+        let inputs = [
+            random_tensor(&[2, 6, 7, 3], &mut r),
+            random_tensor(&[3, 5, 5, 3], &mut r),
+        ];
         let reused = check_reuse(&name, &make, &first, &inputs, Mode::Train);
         assert_eq!(reused, [true, false], "{name}: output buffer reuse");
     }
@@ -222,13 +219,16 @@ fn residual_steps_equal_fresh_blocks() {
             });
             Box::new(Residual::new(branch, shortcut))
         };
-        let first = random(&[2, 4, 4, 3], &mut r);
-        let inputs = [random(&[2, 4, 4, 3], &mut r), random(&[3, 6, 6, 3], &mut r)];
+        let first = random_tensor(&[2, 4, 4, 3], &mut r);
+        let inputs = [
+            random_tensor(&[2, 4, 4, 3], &mut r),
+            random_tensor(&[3, 6, 6, 3], &mut r),
+        ];
         check_reuse(&name, &make, &first, &inputs, Mode::Train);
         // An evaluation pass between training steps changes nothing.
         let mut block = make();
         let mut fresh = make();
-        let x = random(&[2, 4, 4, 3], &mut r);
+        let x = random_tensor(&[2, 4, 4, 3], &mut r);
         block.forward(x.clone(), Mode::Eval).unwrap();
         let y = block.forward(x.clone(), Mode::Train).unwrap();
         assert_eq!(
@@ -236,7 +236,7 @@ fn residual_steps_equal_fresh_blocks() {
             bits(&fresh.forward(x, Mode::Train).unwrap()),
             "{name}"
         );
-        let g = random(y.shape(), &mut r);
+        let g = random_tensor(y.shape(), &mut r);
         let dx = block.backward(g.clone()).unwrap();
         assert_eq!(bits(&dx), bits(&fresh.backward(g).unwrap()), "{name}");
     }
@@ -244,7 +244,7 @@ fn residual_steps_equal_fresh_blocks() {
 
 fn images(n: usize, input: [usize; 3], r: &mut Rng) -> Tensor {
     let [h, w, c] = input;
-    random(&[n, h, w, c], r)
+    random_tensor(&[n, h, w, c], r)
 }
 
 fn state_bits(m: &Model) -> Vec<(String, Vec<u32>)> {

@@ -5,6 +5,8 @@
 //! whatever the thread count.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use fedtiny_common::kernels::sparse::policy::{self, LayerShape, SparseMode};
 use fedtiny_common::layers::{Conv2d, Layer, Linear, Slot, SlotMut};
 use fedtiny_common::loss::softmax_cross_entropy;
@@ -13,26 +15,13 @@ use fedtiny_common::models::{Arch, Model, ModelSpec};
 use fedtiny_common::optim::OptimizerConfig;
 use fedtiny_common::parallel::thread_pool;
 use fedtiny_common::pruning::random_masks;
-use fedtiny_common::rng::{self, Rng};
+use fedtiny_common::rng;
 use fedtiny_common::state::StateDict;
-use fedtiny_common::tensor::{Mode, Tensor, from_vec};
+use fedtiny_common::tensor::{Mode, Tensor};
 use rand::RngExt;
-use rand::seq::SliceRandom;
+use support::{random_mask, random_tensor};
 
 const REL: f32 = 1e-5;
-
-fn random_tensor(shape: &[usize], r: &mut Rng) -> Tensor {
-    let n = shape.iter().product();
-    from_vec(shape, (0..n).map(|_| r.random_range(-1.0..1.0)).collect()).unwrap()
-}
-
-fn random_mask(len: usize, density: f64, r: &mut Rng) -> Mask {
-    let keep = ((density * len as f64).round() as usize).max(1);
-    let mut idx: Vec<usize> = (0..len).collect();
-    idx.shuffle(r);
-    idx.truncate(keep);
-    Mask::from_indices(len, &idx).unwrap()
-}
 
 /// Installs `mask` on the weight, sets `dense_grad`, and gives the bias (if any) random values.
 fn prepare(layer: &mut dyn Layer, mask: &Mask, dense_grad: bool, seed: u64) {
