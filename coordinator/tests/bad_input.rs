@@ -205,11 +205,7 @@ async fn bad_results_are_refused_and_the_rounds_go_on() {
         cfg.server.chunk_bytes = CHUNK;
         cfg.server.max_payload_bytes = MAX_PAYLOAD;
         let server = start_server(cfg, Start::Fresh).await;
-        let clients: Vec<_> = honest
-            .iter()
-            .enumerate()
-            .map(|(i, id)| spawn_client(server.addr, client_files(&pki, id), local_data(i, 2)))
-            .collect();
+        let clients = spawn_clients(server.addr, &pki, &honest, 2);
         let plans = [
             vec![TruncatedValues, IndexOutOfRange, Oversize, Honest],
             vec![ShapeCount, NaN, WrongKind, Honest],

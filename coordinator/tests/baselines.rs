@@ -23,11 +23,7 @@ async fn run(kind: StrategyKind, rule: MaskRule) -> (Vec<RoundMetrics>, RunSumma
     cfg.federation.fedtiny.t_end = 3;
     cfg.federation.fedtiny.alpha = 0.2;
     let server = start_server(cfg, Start::Fresh).await;
-    let clients: Vec<_> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| spawn_client(server.addr, client_files(&pki, id), local_data(i, 3)))
-        .collect();
+    let clients = spawn_clients(server.addr, &pki, &ids, 3);
     let summary = server.handle.await.unwrap().unwrap();
     for c in clients {
         c.await.unwrap().unwrap();

@@ -28,11 +28,7 @@ async fn a_client_killed_while_training_times_out_and_rejoins() {
         // heartbeat allowance (1 s here): idle clients must still count as alive.
         cfg.server.poll_timeout_ms = 3_000;
         let server = start_server(cfg, Start::Fresh).await;
-        let mut clients: Vec<_> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| spawn_client(server.addr, client_files(&pki, id), local_data(i, 3)))
-            .collect();
+        let mut clients = spawn_clients(server.addr, &pki, &ids, 3);
         let victim = clients.pop().unwrap();
 
         // Round 1 runs with everyone; round 2 starts at once; kill the victim while it trains.

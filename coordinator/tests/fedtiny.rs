@@ -29,11 +29,7 @@ async fn abns_then_progressive_pruning_over_mtls() {
         .state_dict()
         .num_values() as u64;
     let server = start_server(cfg, Start::Fresh).await;
-    let clients: Vec<_> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| spawn_client(server.addr, client_files(&pki, id), local_data(i, 3)))
-        .collect();
+    let clients = spawn_clients(server.addr, &pki, &ids, 3);
     let summary = server.handle.await.unwrap().unwrap();
     for c in clients {
         c.await.unwrap().unwrap();

@@ -15,11 +15,7 @@ async fn three_clients_three_rounds_over_mtls() {
     let pki = make_pki(&tmp.path().join("pki"), &ids);
     let cfg = serve_config(&pki, &tmp.path().join("runs"), 3, 3);
     let server = start_server(cfg, Start::Fresh).await;
-    let clients: Vec<_> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| spawn_client(server.addr, client_files(&pki, id), local_data(i, 3)))
-        .collect();
+    let clients = spawn_clients(server.addr, &pki, &ids, 3);
     let summary = server.handle.await.unwrap().unwrap();
     for c in clients {
         match c.await.unwrap() {

@@ -19,11 +19,7 @@ async fn measure(density: f64) {
     cfg.federation.mask.density = density;
     cfg.federation.eval.test_limit = Some(200);
     let server = start_server(cfg, Start::Fresh).await;
-    let clients: Vec<_> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| spawn_client(server.addr, client_files(&pki, id), local_data(i, 2)))
-        .collect();
+    let clients = spawn_clients(server.addr, &pki, &ids, 2);
     server.handle.await.unwrap().unwrap();
     for c in clients {
         assert_eq!(c.await.unwrap().unwrap(), Outcome::RunOver { tasks: 3 });

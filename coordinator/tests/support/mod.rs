@@ -191,6 +191,19 @@ pub fn spawn_client(
     ))
 }
 
+/// One client session per id, client `i` holding partition `i` of `of` of the sample.
+pub fn spawn_clients(
+    addr: SocketAddr,
+    pki: &Pki,
+    ids: &[&str],
+    of: usize,
+) -> Vec<JoinHandle<Result<Outcome, ClientError>>> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| spawn_client(addr, client_files(pki, id), local_data(i, of)))
+        .collect()
+}
+
 /// A raw gRPC client with a given identity, for protocol-level tests.
 pub async fn raw_client(addr: SocketAddr, tls: &ClientTlsFiles) -> FederationClient<Channel> {
     let channel = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
