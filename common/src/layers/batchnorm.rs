@@ -1,15 +1,10 @@
 //! Batch normalisation over the last (channel) axis, optionally fused with the ReLU after it.
 
-use rayon::prelude::*;
-
 use super::{OpInfo, OpKind, Slot, SlotMut, expect_grad, expect_input, join};
-use crate::kernels::reduce::{channel_sums, channel_sums_mut};
+use crate::kernels::channelwise::{self, Tiling};
 use crate::param::{Param, Role};
 use crate::tensor::{Mode, Tensor, from_vec, into_vec};
 use crate::{Error, Result};
-
-/// Elements per parallel task in the elementwise passes.
-const TASK_ELEMS: usize = 1 << 15;
 
 /// Batch normalisation of an `[..., C]` tensor per channel (BatchNorm2d on NHWC, BatchNorm1d on
 /// `[N, C]`). Training mode normalises with the biased batch variance and updates the running
@@ -102,18 +97,8 @@ impl BatchNorm2d {
                 shape,
             ));
         }
-        let sums = channel_sums(m, c, |r, acc| {
-            for (a, v) in acc.iter_mut().zip(&data[r * c..(r + 1) * c]) {
-                *a += v;
-            }
-        });
-        let mean: Vec<f32> = sums.iter().map(|s| (s / m as f64) as f32).collect();
-        let sq = channel_sums(m, c, |r, acc| {
-            for ((a, v), mu) in acc.iter_mut().zip(&data[r * c..(r + 1) * c]).zip(&mean) {
-                let d = v - mu;
-                *a += d * d;
-            }
-        });
+        let tiling = Tiling::new(c);
+        let (mean, sq) = channelwise::mean_and_centred_squares(&tiling, &data);
         let var: Vec<f64> = sq.iter().map(|s| s / m as f64).collect();
         let eps = f64::from(self.eps);
         let inv_std = var.iter().map(|v| (1.0 / (v + eps).sqrt()) as f32);
@@ -138,7 +123,7 @@ impl BatchNorm2d {
             let beta = self.beta.value.as_slice().unwrap_or(&[]);
             let scale: Vec<f32> = inv_std.zip(gamma).map(|(s, g)| s * g).collect();
             let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
-            affine(&mut data, &scale, &shift, self.relu.is_some());
+            channelwise::affine(&tiling, &mut data, &scale, &shift, self.relu.is_some());
         }
         from_vec(&shape, data)
     }
@@ -180,43 +165,20 @@ impl BatchNorm2d {
         }
         // Every value is overwritten below: a reused buffer only grows.
         kept.xhat.resize(data.len(), 0.0);
-        let inv_std = &kept.inv_std;
-        let task = task_len(c);
-        kept.xhat
-            .par_chunks_mut(task)
-            .zip(data.par_chunks_mut(task))
-            .for_each(|(xh, y)| {
-                for (xr, yr) in xh.chunks_mut(c).zip(y.chunks_mut(c)) {
-                    for ch in 0..c {
-                        let n = (yr[ch] - mean[ch]) * inv_std[ch];
-                        xr[ch] = n;
-                        let v = n * gamma[ch] + beta[ch];
-                        yr[ch] = if relu { v.max(0.0) } else { v };
-                    }
-                }
-            });
+        channelwise::normalise(
+            &Tiling::new(c),
+            data,
+            &mut kept.xhat,
+            mean,
+            &kept.inv_std,
+            gamma,
+            beta,
+            relu,
+        );
         kept.shape = shape;
         kept.frozen = frozen;
         self.cache = Some(kept);
     }
-}
-
-/// Elements per parallel task for rows of `c` channels (whole rows).
-fn task_len(c: usize) -> usize {
-    (TASK_ELEMS / c.max(1)).max(1) * c.max(1)
-}
-
-/// `y = y·scale + shift` per channel in place, clamped at 0 when `relu`.
-fn affine(data: &mut [f32], scale: &[f32], shift: &[f32], relu: bool) {
-    let c = scale.len();
-    data.par_chunks_mut(task_len(c)).for_each(|y| {
-        for yr in y.chunks_mut(c) {
-            for ((v, s), b) in yr.iter_mut().zip(scale).zip(shift) {
-                let a = *v * s + b;
-                *v = if relu { a.max(0.0) } else { a };
-            }
-        }
-    });
 }
 
 impl super::Layer for BatchNorm2d {
@@ -239,7 +201,8 @@ impl super::Layer for BatchNorm2d {
                     .map(|ch| gamma[ch] / (rv[ch] + self.eps).sqrt())
                     .collect();
                 let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - rm[ch] * scale[ch]).collect();
-                affine(&mut data, &scale, &shift, self.relu.is_some());
+                let tiling = Tiling::new(c);
+                channelwise::affine(&tiling, &mut data, &scale, &shift, self.relu.is_some());
                 from_vec(&shape, data)
             }
         }
@@ -258,57 +221,33 @@ impl super::Layer for BatchNorm2d {
         let mut dy = into_vec(grad);
         let m = dy.len() / c;
         let relu = self.relu.is_some();
-        let (xhat, gf, bf) = (&cache.xhat, &cache.gamma, &cache.beta);
+        let tiling = Tiling::new(c);
         // One pass: the fused ReLU's gate (zero where γ·x̂ + β, the output before clamping, is
         // not positive) and the per-channel sums Σdy (β) and Σdy·x̂ (γ).
-        let sums = channel_sums_mut(&mut dy, c, 2 * c, |r, row, acc| {
-            let xr = &xhat[r * c..(r + 1) * c];
-            if relu {
-                for ch in 0..c {
-                    let y = xr[ch] * gf[ch] + bf[ch];
-                    if y.is_nan() || y <= 0.0 {
-                        row[ch] = 0.0;
-                    }
-                }
-            }
-            let (db, dg) = acc.split_at_mut(c);
-            for (((b, g), v), x) in db.iter_mut().zip(dg.iter_mut()).zip(row.iter()).zip(xr) {
-                *b += v;
-                *g += v * x;
-            }
-        });
-        let (dbeta, dgamma) = sums.split_at(c);
-        for (g, v) in self.gamma.grad.iter_mut().zip(dgamma) {
+        let (dbeta, dgamma) = channelwise::gate_and_sums(
+            &tiling,
+            &mut dy,
+            &cache.xhat,
+            &cache.gamma,
+            &cache.beta,
+            relu,
+        );
+        for (g, v) in self.gamma.grad.iter_mut().zip(&dgamma) {
             *g = *v as f32;
         }
-        for (g, v) in self.beta.grad.iter_mut().zip(dbeta) {
+        for (g, v) in self.beta.grad.iter_mut().zip(&dbeta) {
             *g = *v as f32;
         }
         let gamma = self.gamma.value.as_slice().unwrap_or(&[]);
         let k: Vec<f32> = (0..c).map(|ch| gamma[ch] * cache.inv_std[ch]).collect();
-        let task = task_len(c);
         if cache.frozen {
             // Constant statistics: dx = γ·inv_std·dy.
-            dy.par_chunks_mut(task).for_each(|d| {
-                for dr in d.chunks_mut(c) {
-                    for (v, kc) in dr.iter_mut().zip(&k) {
-                        *v *= kc;
-                    }
-                }
-            });
+            channelwise::scale(&tiling, &mut dy, &k);
         } else {
             // dx = γ·inv_std · (dy − mean(dy) − x̂·mean(dy·x̂))
             let mdb: Vec<f32> = dbeta.iter().map(|v| (v / m as f64) as f32).collect();
             let mdg: Vec<f32> = dgamma.iter().map(|v| (v / m as f64) as f32).collect();
-            dy.par_chunks_mut(task)
-                .zip(xhat.par_chunks(task))
-                .for_each(|(d, xh)| {
-                    for (dr, xr) in d.chunks_mut(c).zip(xh.chunks(c)) {
-                        for ch in 0..c {
-                            dr[ch] = k[ch] * (dr[ch] - mdb[ch] - xr[ch] * mdg[ch]);
-                        }
-                    }
-                });
+            channelwise::input_gradient(&tiling, &mut dy, &cache.xhat, &k, &mdb, &mdg);
         }
         let out = from_vec(&cache.shape, dy);
         self.spare = cache;
