@@ -36,6 +36,44 @@ impl MaxPool2d {
     }
 }
 
+/// Channels that [`window_max`] handles at once, in registers.
+const POOL_LANES: usize = 8;
+
+/// The maximum over a window and its first arg-max, per channel: `out[ch]` is the largest of
+/// `img[t + ch]` over the taps `t` (in tap order, `>` keeps the first maximum, NaN never wins;
+/// `−∞` with arg-max 0 when every tap is NaN) and `arg[ch]` its index in `img`.
+fn window_max(img: &[f32], taps: &[usize], out: &mut [f32], arg: &mut [u32]) {
+    // Lane arrays live in registers, so the selects below stay selects (a select stored back to
+    // memory would become a conditional store, which does not vectorise).
+    let c = out.len();
+    let mut c0 = 0;
+    while c0 < c {
+        let len = POOL_LANES.min(c - c0);
+        let mut m = [f32::NEG_INFINITY; POOL_LANES];
+        let mut am = [0u32; POOL_LANES];
+        for &t in taps {
+            let v = &img[t + c0..t + c0 + len];
+            if len == POOL_LANES {
+                for j in 0..POOL_LANES {
+                    let take = v[j] > m[j];
+                    m[j] = if take { v[j] } else { m[j] };
+                    am[j] = if take { (t + c0 + j) as u32 } else { am[j] };
+                }
+            } else {
+                for j in 0..len {
+                    if v[j] > m[j] {
+                        m[j] = v[j];
+                        am[j] = (t + c0 + j) as u32;
+                    }
+                }
+            }
+        }
+        out[c0..c0 + len].copy_from_slice(&m[..len]);
+        arg[c0..c0 + len].copy_from_slice(&am[..len]);
+        c0 += len;
+    }
+}
+
 impl super::Layer for MaxPool2d {
     fn forward(&mut self, x: Tensor, mode: Mode) -> Result<Tensor> {
         if x.ndim() != 4 {
@@ -56,27 +94,18 @@ impl super::Layer for MaxPool2d {
                 .zip(arg.par_chunks_mut(out_img))
                 .zip(xs.par_chunks(g.image_len()))
                 .for_each(|((o, a), img)| {
+                    let mut taps = Vec::with_capacity(g.kh * g.kw);
                     for oy in 0..g.oh {
                         for ox in 0..g.ow {
                             let base = (oy * g.ow + ox) * c;
-                            let (o, a) = (&mut o[base..base + c], &mut a[base..base + c]);
-                            o.fill(f32::NEG_INFINITY);
-                            a.fill(0);
+                            taps.clear();
                             for ky in 0..g.kh {
                                 for kx in 0..g.kw {
-                                    let iy = oy * g.stride + ky;
-                                    let ix = ox * g.stride + kx;
-                                    let off = (iy * g.w + ix) * c;
-                                    for ch in 0..c {
-                                        let v = img[off + ch];
-                                        // `>` keeps the first maximum; NaN never wins.
-                                        if v > o[ch] {
-                                            o[ch] = v;
-                                            a[ch] = (off + ch) as u32;
-                                        }
-                                    }
+                                    let (iy, ix) = (oy * g.stride + ky, ox * g.stride + kx);
+                                    taps.push((iy * g.w + ix) * c);
                                 }
                             }
+                            window_max(img, &taps, &mut o[base..base + c], &mut a[base..base + c]);
                         }
                     }
                 });
@@ -229,6 +258,65 @@ impl super::Layer for GlobalAvgPool {
 mod tests {
     use super::*;
     use crate::layers::Layer;
+
+    /// Naive max pooling: per output pixel and channel, the first maximum over the window (NaN
+    /// never wins; −∞ and index 0 when every tap is NaN).
+    fn naive(x: &[f32], g: &ConvGeometry) -> (Vec<f32>, Vec<u32>) {
+        let (mut out, mut arg) = (Vec::new(), Vec::new());
+        for n in 0..g.n {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    for ch in 0..g.c {
+                        let (mut m, mut a) = (f32::NEG_INFINITY, 0u32);
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                let (iy, ix) = (oy * g.stride + ky, ox * g.stride + kx);
+                                let i = (iy * g.w + ix) * g.c + ch;
+                                let v = x[n * g.image_len() + i];
+                                if v > m {
+                                    m = v;
+                                    a = i as u32;
+                                }
+                            }
+                        }
+                        out.push(m);
+                        arg.push(a);
+                    }
+                }
+            }
+        }
+        (out, arg)
+    }
+
+    #[test]
+    fn forward_matches_the_naive_pool_for_any_channel_count() {
+        // Channel counts below, at and beyond the register lanes; rounded values make ties, and
+        // some NaNs (one window all NaN) check that NaN never wins.
+        for (c, k, stride) in [(3, 2, 2), (8, 2, 2), (16, 3, 2), (19, 2, 2), (24, 3, 1)] {
+            let g = ConvGeometry::new(2, 6, 5, c, k, k, stride, 0).unwrap();
+            let mut x: Vec<f32> = (0..g.n * g.image_len())
+                .map(|i| ((i * 7919) % 13) as f32 - 6.0)
+                .collect();
+            for i in (0..x.len()).step_by(11) {
+                x[i] = f32::NAN;
+            }
+            for ky in 0..k {
+                for kx in 0..k {
+                    x[(ky * g.w + kx) * c] = f32::NAN;
+                }
+            }
+            let (want, want_arg) = naive(&x, &g);
+            let mut pool = MaxPool2d::new(k, stride);
+            let y = pool
+                .forward(from_vec(&[2, 6, 5, c], x).unwrap(), Mode::Train)
+                .unwrap();
+            let got: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+            let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "c {c} k {k} stride {stride}");
+            assert_eq!(y[[0, 0, 0, 0]], f32::NEG_INFINITY, "all-NaN window");
+            assert_eq!(pool.cache.as_ref().unwrap().1, want_arg, "c {c}: arg-max");
+        }
+    }
 
     #[test]
     fn training_steps_reuse_the_argmax_buffer() {

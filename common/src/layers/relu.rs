@@ -49,9 +49,47 @@ pub(super) fn relu_gate(grad: &mut [f32], out: &[f32]) {
         .zip(out.par_chunks(TASK_ELEMS))
         .for_each(|(g, o)| {
             for (g, o) in g.iter_mut().zip(o) {
-                if *o <= 0.0 {
-                    *g = 0.0;
-                }
+                // A select, not a conditional store, so that the loop vectorises.
+                *g = if *o <= 0.0 { 0.0 } else { *g };
+            }
+        });
+}
+
+/// `v = s = max(v + s, 0)`: a residual block's sum and ReLU, with the output copied into `s`
+/// (kept for the backward pass) in the same pass.
+pub(super) fn add_relu_keep(v: &mut [f32], s: &mut [f32]) {
+    v.par_chunks_mut(TASK_ELEMS)
+        .zip(s.par_chunks_mut(TASK_ELEMS))
+        .for_each(|(v, s)| {
+            for (a, b) in v.iter_mut().zip(s.iter_mut()) {
+                let t = (*a + *b).max(0.0);
+                *a = t;
+                *b = t;
+            }
+        });
+}
+
+/// `grad = out = (grad where out > 0, else 0)`: [`relu_gate`] that also leaves a copy of the
+/// gated gradient in `out`'s buffer.
+pub(super) fn gate_keep(grad: &mut [f32], out: &mut [f32]) {
+    grad.par_chunks_mut(TASK_ELEMS)
+        .zip(out.par_chunks_mut(TASK_ELEMS))
+        .for_each(|(g, o)| {
+            for (g, o) in g.iter_mut().zip(o.iter_mut()) {
+                let t = if *o <= 0.0 { 0.0 } else { *g };
+                *g = t;
+                *o = t;
+            }
+        });
+}
+
+/// `v += s`, in parallel.
+pub(super) fn add_assign(v: &mut [f32], s: &[f32]) {
+    v.par_chunks_mut(TASK_ELEMS)
+        .zip(s.par_chunks(TASK_ELEMS))
+        .for_each(|(v, s)| {
+            for (a, b) in v.iter_mut().zip(s) {
+                *a += b;
             }
         });
 }

@@ -1,6 +1,6 @@
 //! A residual block: `relu(branch(x) + shortcut(x))`.
 
-use super::relu::{copy_into, relu_gate, relu_in_place};
+use super::relu::{add_assign, add_relu_keep, copy_into, gate_keep};
 use super::{Layer, OpInfo, OpKind, Sequential, Slot, SlotMut, expect_grad, join};
 use crate::tensor::{Mode, Tensor, from_vec, into_vec};
 use crate::{Error, Result};
@@ -47,15 +47,12 @@ impl Layer for Residual {
         }
         let shape = b.shape().to_vec();
         let mut v = into_vec(b);
-        for (a, c) in v.iter_mut().zip(s.iter()) {
-            *a += c;
-        }
-        relu_in_place(&mut v);
-        let out = from_vec(&shape, v)?;
         // The shortcut's output is spent: its buffer keeps the copy of the output.
-        let buf = into_vec(s);
+        let mut buf = into_vec(s);
+        add_relu_keep(&mut v, &mut buf);
+        let out = from_vec(&shape, v)?;
         if mode.caches() {
-            self.cache = Some(copy_into(&out, buf)?);
+            self.cache = Some(from_vec(&shape, buf)?);
         } else if self.shortcut.is_none() {
             self.spare = buf;
         }
@@ -70,10 +67,11 @@ impl Layer for Residual {
         expect_grad("residual", &grad, out.shape())?;
         let shape = out.shape().to_vec();
         let mut g = into_vec(grad);
-        relu_gate(&mut g, out.as_slice().unwrap_or(&[]));
-        let g = from_vec(&shape, g)?;
         // The kept output is spent: its buffer takes the shortcut's copy of the gradient.
-        let gs = copy_into(&g, into_vec(out))?;
+        let mut kept = into_vec(out);
+        gate_keep(&mut g, &mut kept);
+        let g = from_vec(&shape, g)?;
+        let gs = from_vec(&shape, kept)?;
         let gs = match &mut self.shortcut {
             Some(sc) => sc.backward(gs)?,
             None => gs,
@@ -84,11 +82,10 @@ impl Layer for Residual {
         }
         let shape = gb.shape().to_vec();
         let mut v = into_vec(gb);
-        for (a, c) in v.iter_mut().zip(gs.iter()) {
-            *a += c;
-        }
+        let gs = into_vec(gs);
+        add_assign(&mut v, &gs);
         if self.shortcut.is_none() {
-            self.spare = into_vec(gs);
+            self.spare = gs;
         }
         from_vec(&shape, v)
     }
