@@ -99,6 +99,34 @@ fn bench_conv_step(c: &mut Criterion) {
     );
 }
 
+/// The first convolution of the models (3×3 over one channel, 28×28, batch 64, no input
+/// gradient), unmasked, on the GEMM and on the direct kernels.
+fn bench_first_conv(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let x = from_vec(&[64, 28, 28, 1], vec![0.1; 64 * 28 * 28]).unwrap();
+    let dy = from_vec(&[64, 28, 28, 16], vec![0.01; 64 * 28 * 28 * 16]).unwrap();
+    for (name, mode) in [("gemm", SparseMode::Never), ("direct", SparseMode::Auto)] {
+        let mut conv = Conv2d::new(1, 16, 3, 1, 1, false, &mut rng::seeded(4))
+            .unwrap()
+            .without_input_grad()
+            .with_sparse_mode(mode);
+        c.bench_function(
+            &format!("conv2d 1->16 k3 28x28 step, batch 64, {name}"),
+            |b| {
+                b.iter(|| {
+                    pool.install(|| {
+                        conv.forward(x.clone(), Mode::Train).unwrap();
+                        conv.backward(dy.clone()).unwrap()
+                    })
+                })
+            },
+        );
+    }
+}
+
 fn random_mask(len: usize, density: f64, seed: u64) -> Mask {
     let mut idx: Vec<usize> = (0..len).collect();
     idx.shuffle(&mut rng::seeded(seed));
@@ -301,6 +329,7 @@ criterion_group!(
     bench_gemm,
     bench_im2col,
     bench_conv_step,
+    bench_first_conv,
     bench_sparse_fc1,
     bench_sparse_conv2
 );

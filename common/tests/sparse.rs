@@ -193,6 +193,7 @@ fn auto_mode_follows_the_policy_on_model_shapes() {
         fan_out: 64,
         stride: 1,
         waste: 256.0 / 196.0,
+        patch: 288,
     };
     for shape in [fc1, conv2] {
         assert!(
@@ -223,6 +224,42 @@ fn auto_mode_follows_the_policy_on_model_shapes() {
         c.forward(x.clone(), Mode::Eval).unwrap();
         assert_eq!(c.ran_sparse(), sparse, "conv2 at {density}");
     }
+}
+
+/// A first convolution (3×3 over one channel) runs the direct kernels unmasked, and agrees with
+/// the GEMM path: output, input gradient and the full weight gradient.
+#[test]
+fn unmasked_small_patch_convolutions_run_the_direct_kernels() {
+    let mut r = rng::seeded(9);
+    let x = random_tensor(&[6, 9, 7, 1], &mut r);
+    let run = |mode: SparseMode| {
+        let mut c = Conv2d::new(1, 16, 3, 1, 1, true, &mut rng::seeded(10))
+            .unwrap()
+            .with_sparse_mode(mode);
+        let y = c.forward(x.clone(), Mode::Train).unwrap();
+        let dy = random_tensor(y.shape(), &mut rng::seeded(11));
+        let dx = c.backward(dy).unwrap();
+        (c.ran_sparse(), y, dx, grads(&c))
+    };
+    let (direct, y, dx, g) = run(SparseMode::Auto);
+    let (gemm, yd, dxd, gd) = run(SparseMode::Never);
+    assert!(direct && !gemm);
+    let all = |_: usize| true;
+    assert_agree(y.as_slice().unwrap(), yd.as_slice().unwrap(), all, "y");
+    assert_agree(dx.as_slice().unwrap(), dxd.as_slice().unwrap(), all, "dx");
+    assert_eq!(g.len(), 2);
+    for ((name, a), (_, b)) in g.iter().zip(&gd) {
+        assert!(
+            b.iter().all(|v| *v != 0.0),
+            "{name}: every entry has a gradient"
+        );
+        assert_agree(a, b, all, name);
+    }
+    // A larger patch stays on the GEMM when unmasked.
+    let mut c = Conv2d::new(2, 16, 3, 1, 1, false, &mut r).unwrap();
+    c.forward(random_tensor(&[2, 5, 5, 2], &mut r), Mode::Eval)
+        .unwrap();
+    assert!(!c.ran_sparse());
 }
 
 /// A few masked training steps (sparse kernels under the policy) on 1 and 2 threads.

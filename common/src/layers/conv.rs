@@ -1,5 +1,5 @@
 //! 2-D convolution over NHWC batches: im2col + GEMM, or the sparse kernels when the weight is
-//! masked below the crossover density ([`crate::kernels::sparse::policy`]).
+//! masked below the crossover density or the patch is tiny ([`crate::kernels::sparse::policy`]).
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 use rand_distr::{Distribution, Normal};
@@ -157,9 +157,13 @@ impl Conv2d {
     }
 
     /// The sparse plan for `g` when the sparse kernels should run, building it if needed.
+    /// Unmasked weights run them only when the patch is small enough for the direct kernels
+    /// to beat the GEMM at full density ([`policy::SMALL_PATCH`]).
     fn sparse_plan(&mut self, g: &ConvGeometry) -> Result<Option<ConvPlan>> {
-        let Some(mask) = self.weight.mask() else {
-            return Ok(None);
+        let density = match self.weight.mask() {
+            Some(mask) => mask.density(),
+            None if self.patch() <= policy::SMALL_PATCH => 1.0,
+            None => return Ok(None),
         };
         if self.sparse_mode == SparseMode::Never {
             return Ok(None);
@@ -172,8 +176,9 @@ impl Conv2d {
             fan_out: self.cout,
             stride: self.stride,
             waste: plan.waste(),
+            patch: self.patch(),
         };
-        if policy::use_sparse(self.sparse_mode, &shape, mask.density()) {
+        if policy::use_sparse(self.sparse_mode, &shape, density) {
             Ok(Some(plan))
         } else {
             self.sparse.plan = Some(plan);
