@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use super::layout::{Layout, round_up};
 use super::products;
 use super::simd::{self, Isa, LANES, Lanes};
-use super::transpose::transpose_block;
+use super::transpose::{transpose_block, transpose_copy};
 use super::weight::SparseWeight;
 use crate::kernels::ConvGeometry;
 use crate::{Error, Result};
@@ -163,7 +163,7 @@ impl ConvPlan {
                 let src = &img[(iy * g.w + ix0) * g.c..];
                 let dst = &mut block[pos + i * plane..];
                 let step = g.stride * g.c;
-                transpose_block(src, step, dst, gl, g.c, count, |d, v, _| *d = v);
+                transpose_copy(self.isa, src, step, dst, gl, g.c, count);
             });
         }
     }
@@ -179,7 +179,7 @@ impl ConvPlan {
                 let src = &block[pos + i * plane..];
                 let dst = &mut img[(iy * g.w + ix0) * g.c..];
                 let step = g.stride * g.c;
-                transpose_block(src, gl, dst, step, count, g.c, |d, v, _| *d = v);
+                transpose_copy(self.isa, src, gl, dst, step, count, g.c);
             });
         }
     }
@@ -194,7 +194,7 @@ impl ConvPlan {
                     Some(b) => transpose_block(src, len, dst, cols, g.ow, cols, |d, v, c| {
                         *d = v + b[c];
                     }),
-                    None => transpose_block(src, len, dst, cols, g.ow, cols, |d, v, _| *d = v),
+                    None => transpose_copy(self.isa, src, len, dst, cols, g.ow, cols),
                 }
             }
         }
@@ -208,7 +208,7 @@ impl ConvPlan {
         for (i, di) in dy.chunks((g.oh * g.ow * cols).max(1)).enumerate() {
             for oy in 0..g.oh {
                 let (src, dst) = (&di[oy * g.ow * cols..], &mut t[i * plane + oy * self.wq..]);
-                transpose_block(src, cols, dst, len, cols, g.ow, |d, v, _| *d = v);
+                transpose_copy(self.isa, src, cols, dst, len, cols, g.ow);
             }
         }
     }

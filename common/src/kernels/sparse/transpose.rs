@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use super::simd::{self, Isa};
+
 /// Destination rows per parallel band.
 const BAND: usize = 16;
 
@@ -44,6 +46,49 @@ pub(super) fn transpose_block(
     }
 }
 
+/// [`transpose_block`] as a plain copy, `dst[r·dst_stride + c] = src[c·src_stride + r]`, in
+/// 8×8 tiles ([`simd::transpose8`]) with scalar moves for the edges.
+pub(super) fn transpose_copy(
+    isa: Isa,
+    src: &[f32],
+    src_stride: usize,
+    dst: &mut [f32],
+    dst_stride: usize,
+    rows: usize,
+    cols: usize,
+) {
+    let (full_rows, full_cols) = (rows / 8 * 8, cols / 8 * 8);
+    for c0 in (0..full_cols).step_by(8) {
+        for r0 in (0..full_rows).step_by(8) {
+            let s = &src[c0 * src_stride + r0..];
+            simd::transpose8(
+                isa,
+                s,
+                src_stride,
+                &mut dst[r0 * dst_stride + c0..],
+                dst_stride,
+            );
+        }
+    }
+    let copy = |d: &mut f32, v: f32, _: usize| *d = v;
+    if full_rows < rows {
+        let (s, d) = (&src[full_rows..], &mut dst[full_rows * dst_stride..]);
+        transpose_block(s, src_stride, d, dst_stride, rows - full_rows, cols, copy);
+    }
+    if full_cols < cols && full_rows > 0 {
+        let (s, d) = (&src[full_cols * src_stride..], &mut dst[full_cols..]);
+        transpose_block(
+            s,
+            src_stride,
+            d,
+            dst_stride,
+            full_rows,
+            cols - full_cols,
+            copy,
+        );
+    }
+}
+
 /// `dst[r·dst_stride + c] (+)= src[c·src_stride + r]` for `r < rows`, `c < cols`, split into
 /// bands of destination rows across the pool; every element is written by one task.
 pub(super) fn transpose(
@@ -77,6 +122,30 @@ pub(super) fn transpose(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiled_copies_equal_the_scalar_transpose() {
+        for (rows, cols) in [
+            (0, 5),
+            (5, 0),
+            (1, 1),
+            (8, 8),
+            (16, 28),
+            (28, 16),
+            (13, 21),
+            (7, 40),
+        ] {
+            let (ss, ds) = (rows + 3, cols + 2);
+            let src: Vec<f32> = (0..cols * ss).map(|i| i as f32 - 7.5).collect();
+            let mut want = vec![-1.0f32; rows * ds];
+            transpose_block(&src, ss, &mut want, ds, rows, cols, |d, v, _| *d = v);
+            for isa in [Isa::portable(), Isa::detect()] {
+                let mut got = vec![-1.0f32; rows * ds];
+                transpose_copy(isa, &src, ss, &mut got, ds, rows, cols);
+                assert_eq!(got, want, "{rows}x{cols} {}", isa.name());
+            }
+        }
+    }
 
     #[test]
     fn transposes_with_strides_and_accumulates() {
