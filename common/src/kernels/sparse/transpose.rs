@@ -47,7 +47,9 @@ pub(super) fn transpose_block(
 }
 
 /// [`transpose_block`] as a plain copy, `dst[r·dst_stride + c] = src[c·src_stride + r]`, in
-/// 8×8 tiles ([`simd::transpose8`]) with scalar moves for the edges.
+/// 8×8 tiles ([`simd::transpose8`]). A ragged edge takes one more tile that overlaps the last
+/// full one (the overlap is copied twice, with the same values); shapes under 8 in either
+/// dimension are scalar moves.
 pub(super) fn transpose_copy(
     isa: Isa,
     src: &[f32],
@@ -57,9 +59,14 @@ pub(super) fn transpose_copy(
     rows: usize,
     cols: usize,
 ) {
-    let (full_rows, full_cols) = (rows / 8 * 8, cols / 8 * 8);
-    for c0 in (0..full_cols).step_by(8) {
-        for r0 in (0..full_rows).step_by(8) {
+    if rows < 8 || cols < 8 {
+        transpose_block(src, src_stride, dst, dst_stride, rows, cols, |d, v, _| {
+            *d = v
+        });
+        return;
+    }
+    for c0 in tile_starts(cols) {
+        for r0 in tile_starts(rows) {
             let s = &src[c0 * src_stride + r0..];
             simd::transpose8(
                 isa,
@@ -70,23 +77,14 @@ pub(super) fn transpose_copy(
             );
         }
     }
-    let copy = |d: &mut f32, v: f32, _: usize| *d = v;
-    if full_rows < rows {
-        let (s, d) = (&src[full_rows..], &mut dst[full_rows * dst_stride..]);
-        transpose_block(s, src_stride, d, dst_stride, rows - full_rows, cols, copy);
-    }
-    if full_cols < cols && full_rows > 0 {
-        let (s, d) = (&src[full_cols * src_stride..], &mut dst[full_cols..]);
-        transpose_block(
-            s,
-            src_stride,
-            d,
-            dst_stride,
-            full_rows,
-            cols - full_cols,
-            copy,
-        );
-    }
+}
+
+/// The first index of each 8-wide tile covering `0..n` (`n ≥ 8`): multiples of 8, then `n − 8`
+/// if `n` is not one.
+fn tile_starts(n: usize) -> impl Iterator<Item = usize> {
+    (0..n / 8)
+        .map(|k| 8 * k)
+        .chain((!n.is_multiple_of(8)).then_some(n - 8))
 }
 
 /// `dst[r·dst_stride + c] (+)= src[c·src_stride + r]` for `r < rows`, `c < cols`, split into
