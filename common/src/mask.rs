@@ -174,10 +174,11 @@ impl Mask {
                 chunk.fill(0.0);
                 continue;
             }
+            // Branch-free (a random mask would mispredict half the branches): the value's bits
+            // and-ed with all ones where active, all zeros (+0.0) where not.
             for (j, v) in chunk.iter_mut().enumerate() {
-                if (w >> j) & 1 == 0 {
-                    *v = 0.0;
-                }
+                let keep = 0u32.wrapping_sub(((w >> j) & 1) as u32);
+                *v = f32::from_bits(v.to_bits() & keep);
             }
         }
     }
@@ -247,10 +248,14 @@ mod tests {
             prop_assert_eq!(&idx, &expect);
             prop_assert_eq!(Mask::from_indices(bits.len(), &idx).unwrap(), m.clone());
             prop_assert_eq!(Mask::from_words(bits.len(), m.words().to_vec()).unwrap(), m.clone());
-            let mut v = vec![1.0f32; bits.len()];
+            // Active values keep their bits (NaN and −0 included); inactive ones become +0.
+            let special = [1.5f32, -0.0, f32::NAN, -3.25, f32::INFINITY];
+            let orig: Vec<f32> = (0..bits.len()).map(|i| special[i % special.len()]).collect();
+            let mut v = orig.clone();
             m.apply(&mut v);
             for (i, x) in v.iter().enumerate() {
-                prop_assert_eq!(*x, if bits[i] { 1.0 } else { 0.0 });
+                let want = if bits[i] { orig[i].to_bits() } else { 0 };
+                prop_assert_eq!(x.to_bits(), want);
             }
         }
 
