@@ -12,8 +12,10 @@
 //! after `is_x86_feature_detected!` confirmed both. There is no unchecked indexing here, and
 //! intrinsics in one place only: the compiler does not turn a transpose into shuffles, so
 //! [`transpose8`] spells out the 8×8 AVX transpose (eight loads, three rounds of shuffles,
-//! eight stores: 3× faster than scalar moves, measured on the packing of conv inputs). Its
-//! loads and stores take pointers from bounds-checked slices of exactly eight values. `benches/kernels.rs` measures both variants; the portable one is the
+//! eight stores). Measured: `fedtiny-sim bench` of `resnet18` width ¼ at d = 0.01, alternated
+//! with the binary before it, 1,618 / 1,522 / 2,017 → 1,980 / 1,870 / 2,185 samples/s (commit
+//! d9ff04f). Its loads and stores take pointers from bounds-checked slices of exactly eight
+//! values. `benches/kernels.rs` measures both variants; the portable one is the
 //! fallback on other CPUs and is tested on every machine.
 //!
 //! Every loop computes each output with the same operations in the same order whatever the
