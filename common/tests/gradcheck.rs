@@ -313,24 +313,7 @@ fn batchnorm_gradients_nhwc_and_features() {
 #[test]
 fn frozen_batchnorm_gradients() {
     let mut r = rng::seeded(13);
-    let make = || -> Box<dyn Layer> {
-        let mut bn = BatchNorm2d::new(3);
-        bn.visit_mut("", &mut |name, slot| match slot {
-            SlotMut::Param(p) => {
-                let base = if name == "weight" { 1.5 } else { 0.3 };
-                for (i, v) in p.value.iter_mut().enumerate() {
-                    *v = base - 0.4 * i as f32;
-                }
-            }
-            SlotMut::Buffer(_, t) => {
-                let base = if name == "running_mean" { 0.2 } else { 0.5 };
-                for (i, v) in t.iter_mut().enumerate() {
-                    *v = base + 0.3 * i as f32;
-                }
-            }
-        });
-        Box::new(bn)
-    };
+    let make = || -> Box<dyn Layer> { Box::new(shaped_batchnorm(3)) };
     let x = random_tensor(&[2, 3, 3, 3], &mut r);
     check_in("frozen batchnorm", &make, &x, 60, Mode::Frozen);
     // Frozen forward equals evaluation forward (up to rounding: (x − μ)·s·γ + β against

@@ -13,9 +13,10 @@ mod support;
 use fedtiny_common::kernels::sparse::policy::SparseMode;
 use fedtiny_common::layers::*;
 use fedtiny_common::loss::softmax_cross_entropy;
-use fedtiny_common::mask::{Mask, MaskSet};
+use fedtiny_common::mask::Mask;
 use fedtiny_common::models::{Arch, Model, ModelSpec};
 use fedtiny_common::optim::OptimizerConfig;
+use fedtiny_common::pruning::random_masks;
 use fedtiny_common::rng::{self, Rng};
 use fedtiny_common::tensor::{Mode, Tensor};
 use rand::RngExt;
@@ -285,17 +286,7 @@ fn consecutive_model_steps_equal_steps_on_fresh_models() {
         let what = format!("{arch} density {density:?}");
         let spec = ModelSpec::new(arch, input, 3, width).unwrap();
         let mut a = Model::new(&spec, 5).unwrap();
-        let masks = density.map(|d| {
-            let mut r = rng::seeded(6);
-            let sd = a.state_dict();
-            let mut set = MaskSet::default();
-            for name in a.prunable_names() {
-                let n = sd.get(&name).unwrap().values.len();
-                set.masks
-                    .insert(name, Mask::from_fn(n, |_| r.random_bool(d)));
-            }
-            set
-        });
+        let masks = density.map(|d| random_masks(&a, d, &mut rng::seeded(6)).unwrap());
         if let Some(m) = &masks {
             a.set_masks(m).unwrap();
         }

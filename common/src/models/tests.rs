@@ -36,19 +36,6 @@ fn tensor_bits(t: &Tensor) -> Vec<u32> {
     t.iter().map(|x| x.to_bits()).collect()
 }
 
-/// Random masks of the given density on every prunable tensor.
-fn random_masks(m: &Model, density: f64, seed: u64) -> MaskSet {
-    let mut r = rng::seeded(seed);
-    let sd = m.state_dict();
-    let mut set = MaskSet::default();
-    for name in m.prunable_names() {
-        let n = sd.get(&name).unwrap().values.len();
-        set.masks
-            .insert(name, Mask::from_fn(n, |_| r.random_bool(density)));
-    }
-    set
-}
-
 #[test]
 fn fused_models_match_unfused_bit_for_bit() {
     let cases = [
@@ -63,7 +50,7 @@ fn fused_models_match_unfused_bit_for_bit() {
             let mut plain = Model::build(&spec, 7, false).unwrap();
             let what = format!("{arch} density {density:?}");
             if let Some(d) = density {
-                let masks = random_masks(&fused, d, 3);
+                let masks = crate::pruning::random_masks(&fused, d, &mut rng::seeded(3)).unwrap();
                 fused.set_masks(&masks).unwrap();
                 plain.set_masks(&masks).unwrap();
             }
