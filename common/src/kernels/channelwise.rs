@@ -88,29 +88,24 @@ impl Tiling {
     }
 }
 
-/// Per-channel sums of `a` outputs of `f` over the data, `f(block_values, slots)` adding a
-/// block's contributions into `a` runs of `W` slots (`slots[i·W..(i+1)·W]` for output `i`).
-/// Returns `a` vectors of per-channel sums.
-fn reduce<F>(t: &Tiling, len: usize, outputs: usize, f: F) -> Vec<Vec<f64>>
+/// Per-channel sums over the data: `f(range, slots)` adds the contributions of the values in
+/// `range` (one block, whole tiles) into `W` slots.
+fn reduce<F>(t: &Tiling, len: usize, f: F) -> Vec<f64>
 where
     F: Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
 {
-    let w = t.width();
     let block = t.block();
-    let blocks = len.div_ceil(block);
-    let partials: Vec<Vec<f32>> = (0..blocks)
+    let partials: Vec<Vec<f32>> = (0..len.div_ceil(block))
         .into_par_iter()
         .map(|b| {
-            let mut slots = vec![0.0f32; outputs * w];
+            let mut slots = vec![0.0f32; t.width()];
             f(b * block..((b + 1) * block).min(len), &mut slots);
             slots
         })
         .collect();
-    let mut out = vec![vec![0.0f64; t.channels]; outputs];
+    let mut out = vec![0.0f64; t.channels];
     for p in &partials {
-        for (o, s) in out.iter_mut().zip(p.chunks(w)) {
-            t.fold(s, o);
-        }
+        t.fold(p, &mut out);
     }
     out
 }
@@ -120,16 +115,16 @@ where
 pub fn mean_and_centred_squares(t: &Tiling, x: &[f32]) -> (Vec<f32>, Vec<f64>) {
     let rows = (x.len() / t.channels).max(1) as f64;
     let w = t.width();
-    let sums = reduce(t, x.len(), 1, |range, slots| {
+    let sums = reduce(t, x.len(), |range, slots| {
         for tile in x[range].chunks(w) {
             for (s, v) in slots.iter_mut().zip(tile) {
                 *s += v;
             }
         }
     });
-    let mean: Vec<f32> = sums[0].iter().map(|s| (s / rows) as f32).collect();
+    let mean: Vec<f32> = sums.iter().map(|s| (s / rows) as f32).collect();
     let mt = t.tile(&mean);
-    let sq = reduce(t, x.len(), 1, |range, slots| {
+    let sq = reduce(t, x.len(), |range, slots| {
         for tile in x[range].chunks(w) {
             for ((s, v), m) in slots.iter_mut().zip(tile).zip(&mt) {
                 let d = v - m;
@@ -137,7 +132,6 @@ pub fn mean_and_centred_squares(t: &Tiling, x: &[f32]) -> (Vec<f32>, Vec<f64>) {
             }
         }
     });
-    let sq = sq.into_iter().next().unwrap_or_default();
     (mean, sq)
 }
 
