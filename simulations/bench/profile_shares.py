@@ -31,9 +31,13 @@ CATEGORIES = [
 
 
 def main(path):
+    try:
+        text = open(path, errors="replace").read()
+    except OSError as e:
+        sys.exit(f"profile_shares: cannot read {path}: {e.strerror}")
     counts = collections.Counter()
     total = 0
-    for sample in open(path, errors="replace").read().split("\n\n"):
+    for sample in text.split("\n\n"):
         lines = [l.strip() for l in sample.strip().split("\n")]
         if len(lines) < 2:
             continue
@@ -49,10 +53,15 @@ def main(path):
             if found:
                 break
         counts[cat] += 1
+    if total == 0:
+        sys.exit(f"profile_shares: no samples in {path} (expected `perf script` output "
+                 "recorded with --call-graph)")
     print(f"# {total} samples")
     for name, n in counts.most_common():
         print(f"{100.0 * n / max(total, 1):5.1f} %  {name}")
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: profile_shares.py PERF_SCRIPT_OUTPUT")
     main(sys.argv[1])
