@@ -2,7 +2,11 @@
 //!
 //! Each image is packed channel-major with its zero padding, split into the `s × s` phases of
 //! the stride `s` (phase `(ry, rx)` holds padded pixel `(s·a + ry, s·b + rx)` at `(a, b)`): an
-//! `Hq × Wq` plane per phase, image and channel, `Hq = ⌈(h + 2p)/s⌉`. Output pixel `(oy, ox)`
+//! `Hq × Wq` plane per phase, image and channel, `Hq = ⌈(h + 2p)/s⌉`. With stride 1 there is
+//! one phase and neighbours share their padding: a row's right padding is the next row's left
+//! padding and an image's bottom padding the next image's top padding (`Hq = h + p`,
+//! `Wq = w + p`), which is sound because what the last rows and columns read beyond the image
+//! is then zero padding of the next one. Output pixel `(oy, ox)`
 //! of an image is position `oy·Wq + ox` of its `Hq × Wq` grid, and tap `(ky, kx)` of channel `c`
 //! reads phase `(ky mod s, kx mod s)` of channel `c` at that position plus
 //! `(ky div s)·Wq + kx div s`. A block packs `G` images: per channel, per phase, their planes
@@ -15,7 +19,8 @@
 //! Grid positions outside an `oh × ow` output (right and bottom margins) are computed and
 //! dropped; their output gradient is packed as zero, so they add nothing to the gradients, and
 //! valid positions only ever read their own image. The margins are the plan's
-//! [`ConvPlan::waste`]: 1.31 for a 3×3 convolution on 14×14, 2.8 on 3×3, 9 on 1×1 (padding 1).
+//! [`ConvPlan::waste`]: for a 3×3 convolution with padding 1, 1.15 on 14×14, 1.31 on 7×7,
+//! 1.78 on 3×3 and 4 on 1×1 (each plane padded on its own, they were 1.31, 1.65, 2.8 and 9).
 //!
 //! Packing moves `n·h·w·cin` values in and `n·oh·ow·cout` out per product (what im2col would
 //! move is `kh·kw` times the former). The forward and backward passes are fused per block
@@ -58,8 +63,13 @@ impl ConvPlan {
     /// A plan for the geometry `g`, using the best instruction set of this CPU.
     pub fn new(g: &ConvGeometry) -> Result<Self> {
         let s = g.stride;
-        let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
-        let (hq, wq) = (hp.div_ceil(s), wp.div_ceil(s));
+        let (hq, wq) = if s == 1 {
+            // Neighbours share their padding: the bottom (right) padding that the last rows
+            // (columns) read is the next plane's (row's) top (left) padding.
+            (g.h + g.pad, g.w + g.pad)
+        } else {
+            ((g.h + 2 * g.pad).div_ceil(s), (g.w + 2 * g.pad).div_ceil(s))
+        };
         let phases = (s.min(g.kh), s.min(g.kw));
         let plane = hq * wq;
         let images = TARGET_RUN.div_ceil(plane.max(1)).clamp(1, g.n.max(1));
@@ -512,10 +522,13 @@ mod tests {
             (ConvGeometry::new(1, 9, 7, 4, 3, 3, 3, 1).unwrap(), 6),
             (ConvGeometry::new(3, 1, 1, 9, 3, 3, 1, 1).unwrap(), 5),
             (ConvGeometry::new(2, 10, 9, 3, 2, 2, 2, 0).unwrap(), 4),
+            // Stride 1 with more padding than the window reaches past, and less.
+            (ConvGeometry::new(2, 4, 5, 2, 3, 3, 1, 2).unwrap(), 3),
+            (ConvGeometry::new(3, 6, 6, 2, 5, 5, 1, 1).unwrap(), 2),
             // Several images per block, the last block partly filled.
             (ConvGeometry::new(23, 3, 3, 4, 3, 3, 1, 1).unwrap(), 5),
             (ConvGeometry::new(37, 4, 5, 3, 3, 3, 2, 1).unwrap(), 3),
-            (ConvGeometry::new(40, 1, 1, 3, 3, 3, 1, 1).unwrap(), 2),
+            (ConvGeometry::new(70, 1, 1, 3, 3, 3, 1, 1).unwrap(), 2),
         ]
     }
 
@@ -584,6 +597,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn stride_one_planes_share_their_padding() {
+        // 3×3 maps with padding 1: a 4×4 grid per image (not 5×5), 16 images per block.
+        let g = ConvGeometry::new(64, 3, 3, 8, 3, 3, 1, 1).unwrap();
+        let plan = ConvPlan::new(&g).unwrap();
+        assert_eq!(plan.images_per_block(), 16);
+        assert!((plan.waste() - 16.0 / 9.0).abs() < 1e-9, "{}", plan.waste());
+        // A 1×1 map: 2×2 per image.
+        let g = ConvGeometry::new(64, 1, 1, 8, 3, 3, 1, 1).unwrap();
+        assert!((ConvPlan::new(&g).unwrap().waste() - 4.0).abs() < 1e-9);
+        // Strided planes keep their own padding: 14×14, stride 2, padding 1 → 8×8 per phase
+        // for a 7×7 output.
+        let g = ConvGeometry::new(64, 14, 14, 8, 3, 3, 2, 1).unwrap();
+        assert!((ConvPlan::new(&g).unwrap().waste() - 64.0 / 49.0).abs() < 1e-9);
     }
 
     #[test]
