@@ -302,3 +302,131 @@ fn masked_training_does_not_depend_on_the_thread_count() {
         assert_eq!(one, masked_steps(2, arch, width, 0.03), "{arch}");
     }
 }
+
+/// The definition of a convolution over single-pixel inputs, in f64: with padding `pad` only
+/// tap `(pad, pad)` reads data. Returns the output, the input gradient and the full weight
+/// gradient for the weight `w` (`[k, k, cin, cout]`), bias `b` and output gradient `dy`.
+#[allow(clippy::too_many_arguments)]
+fn single_pixel_reference(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    dy: &[f32],
+    (n, cin, cout, k, pad): (usize, usize, usize, usize, usize),
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let t = pad * k + pad;
+    let wt = |ci: usize, o: usize| f64::from(w[(t * cin + ci) * cout + o]);
+    let mut y = vec![0.0; n * cout];
+    let mut dx = vec![0.0; n * cin];
+    let mut dw = vec![0.0; k * k * cin * cout];
+    for i in 0..n {
+        for o in 0..cout {
+            y[i * cout + o] = f64::from(b[o]);
+            for ci in 0..cin {
+                let xv = f64::from(x[i * cin + ci]);
+                let g = f64::from(dy[i * cout + o]);
+                y[i * cout + o] += xv * wt(ci, o);
+                dx[i * cin + ci] += g * wt(ci, o);
+                dw[(t * cin + ci) * cout + o] += xv * g;
+            }
+        }
+    }
+    (y, dx, dw)
+}
+
+fn assert_near(got: &[f32], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (f64::from(*g) - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "{what}[{i}]: {g} vs {w}"
+        );
+    }
+}
+
+/// A convolution over a single pixel, whose other taps read padding only, runs as a linear layer
+/// on its live tap: outputs and gradients match the definition with every kernel mode, dense and
+/// lean storage, masked (sparse kernels under `Auto` and `Always`) or not, with and without
+/// `dense_grad`, and after the mask changes between steps.
+#[test]
+fn single_pixel_convolutions_match_the_definition() {
+    let (n, cin, cout, k, pad) = (6, 12, 7, 3, 1);
+    let mut r = rng::seeded(21);
+    let x = random_tensor(&[n, 1, 1, cin], &mut r);
+    let dy = random_tensor(&[n, 1, 1, cout], &mut r);
+    let masks = [
+        random_mask(k * k * cin * cout, 0.1, &mut r),
+        random_mask(k * k * cin * cout, 0.05, &mut r),
+    ];
+    for masked in [false, true] {
+        for dense_grad in [false, true] {
+            for lean in [false, true] {
+                for mode in [SparseMode::Auto, SparseMode::Always, SparseMode::Never] {
+                    let what =
+                        format!("masked {masked} dense_grad {dense_grad} lean {lean} {mode:?}");
+                    let mut c = Conv2d::new(cin, cout, k, 1, pad, true, &mut rng::seeded(22))
+                        .unwrap()
+                        .with_sparse_mode(mode);
+                    for (step, mask) in masks.iter().enumerate() {
+                        let mut b = Vec::new();
+                        c.visit_mut("", &mut |name, slot| {
+                            if let SlotMut::Param(p) = slot {
+                                if name == "weight" {
+                                    p.set_lean_allowed(lean).unwrap();
+                                    if masked {
+                                        p.set_mask(Some(mask.clone())).unwrap();
+                                    }
+                                    p.dense_grad = dense_grad;
+                                } else {
+                                    p.value.mapv_inplace(|_| r.random_range(-0.5..0.5));
+                                    b = p.value.iter().copied().collect();
+                                }
+                            }
+                        });
+                        let mut w = Vec::new();
+                        c.visit("", &mut |name, slot| {
+                            if let Slot::Param(p) = slot
+                                && name == "weight"
+                            {
+                                w = p.value_dense().iter().copied().collect();
+                            }
+                        });
+                        let y = c.forward(x.clone(), Mode::Train).unwrap();
+                        let sparse = masked && mode != SparseMode::Never;
+                        assert_eq!(c.ran_sparse(), sparse, "{what}");
+                        let dx = c.backward(dy.clone()).unwrap();
+                        let (wy, wdx, mut wdw) = single_pixel_reference(
+                            x.as_slice().unwrap(),
+                            &w,
+                            &b,
+                            dy.as_slice().unwrap(),
+                            (n, cin, cout, k, pad),
+                        );
+                        if sparse && !dense_grad {
+                            for (i, v) in wdw.iter_mut().enumerate() {
+                                if !mask.get(i) {
+                                    *v = 0.0;
+                                }
+                            }
+                        }
+                        let what = format!("{what} step {step}");
+                        assert_eq!(y.shape(), &[n, 1, 1, cout]);
+                        assert_near(y.as_slice().unwrap(), &wy, &format!("{what} y"));
+                        assert_near(dx.as_slice().unwrap(), &wdx, &format!("{what} dx"));
+                        let mut dw = Vec::new();
+                        c.visit("", &mut |name, slot| {
+                            if let Slot::Param(p) = slot
+                                && name == "weight"
+                            {
+                                dw = p.grad_dense().iter().copied().collect();
+                            }
+                        });
+                        assert_near(&dw, &wdw, &format!("{what} dw"));
+                        let eval = c.forward(x.clone(), Mode::Eval).unwrap();
+                        assert_eq!(eval, y, "{what} eval");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,17 +1,20 @@
 //! 2-D convolution over NHWC batches: im2col + GEMM, or the sparse kernels when the weight is
 //! masked below the crossover density or the patch is tiny ([`crate::kernels::sparse::policy`]).
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use ndarray::{ArrayView2, ArrayViewMut2};
 use rand_distr::{Distribution, Normal};
 
 use super::{OpInfo, OpKind, Slot, SlotMut, expect_grad, expect_input, join};
 use crate::kernels::sparse::policy::{self, LayerShape, SparseMode};
-use crate::kernels::sparse::{ConvPlan, SparseWeight, Workspace};
+use crate::kernels::sparse::{ConvPlan, MatrixPlan, SparseWeight, Workspace};
 use crate::kernels::{ConvGeometry, gemm, im2col, reduce};
 use crate::mask::Mask;
 use crate::param::{Param, Role};
 use crate::rng::Rng;
-use crate::tensor::{Mode, Tensor, contiguous, from_vec};
+use crate::tensor::{Mode, Tensor, contiguous, from_vec, into_vec};
 use crate::{Error, Result};
 
 /// A square-kernel 2-D convolution. The weight is stored `[k, k, cin, cout]`, which is the
@@ -28,6 +31,10 @@ use crate::{Error, Result};
 /// kernel choice ([`Param::follow_kernels`]): while the sparse kernels run, its active values
 /// (inside the [`SparseWeight`] the kernels read) and their gradient are all it holds; the
 /// results are bit-identical to dense storage with the same kernels.
+///
+/// A single-pixel input whose output is a single pixel too is read by one tap only (the
+/// others read padding): the layer then runs as a linear layer on that tap's weight rows, a
+/// GEMM or the sparse matrix kernels ([`MatrixPlan`]), and the other taps' gradient is zero.
 ///
 /// The im2col matrix or packed input lives in a scratch buffer kept from one step to the next.
 /// The output and the input gradient are fresh buffers each step, on purpose: keeping the
@@ -64,6 +71,15 @@ enum Cache {
         /// The packed input (the plan's layout).
         packed: Vec<f32>,
     },
+    /// A single-pixel input read by one tap only (see [`Conv2d::live_rows`]).
+    Centre {
+        geom: ConvGeometry,
+        /// The input, `[n, cin]`.
+        x: Vec<f32>,
+        /// The packed input when the sparse kernels ran (the layout of
+        /// [`SparseState::matrix`]).
+        packed: Option<Vec<f32>>,
+    },
 }
 
 /// What the sparse path keeps between steps.
@@ -72,7 +88,41 @@ struct SparseState {
     /// The compressed weight of dense storage (lean storage holds its own).
     weight: Option<SparseWeight>,
     plan: Option<ConvPlan>,
+    /// The plan of the single-pixel case (a product with `[n, cin]`).
+    matrix: Option<MatrixPlan>,
+    /// The live tap's rows of the compressed weight (single-pixel case).
+    centre: Option<CentreWeight>,
     work: Workspace,
+}
+
+/// Rows of a compressed weight cut out as a weight of their own.
+struct CentreWeight {
+    /// The mask of the weight they were cut from (the pattern is rebuilt when it changes).
+    parent: Arc<Mask>,
+    weight: SparseWeight,
+}
+
+/// The rows `rows` of `parent` in `slot`, rebuilt when the parent's pattern changed since the
+/// last cut, else only given the parent's current values.
+fn cut_rows<'a>(
+    slot: &'a mut Option<CentreWeight>,
+    parent: &SparseWeight,
+    rows: Range<usize>,
+) -> Result<&'a SparseWeight> {
+    match slot {
+        Some(c) if Arc::ptr_eq(&c.parent, parent.shared_mask()) => {
+            c.weight.refresh_rows(parent, rows)?;
+        }
+        _ => {
+            *slot = Some(CentreWeight {
+                parent: Arc::clone(parent.shared_mask()),
+                weight: parent.row_block(rows)?,
+            });
+        }
+    }
+    slot.as_ref()
+        .map(|c| &c.weight)
+        .ok_or_else(sparse_state_error)
 }
 
 impl Conv2d {
@@ -329,6 +379,218 @@ impl Conv2d {
 }
 
 impl Conv2d {
+    /// When the input is a single pixel and so is the output, the weight rows
+    /// `t·cin..(t + 1)·cin` of the one tap `t` that reads it (the window's centre for a
+    /// convolution that keeps the size). Every other tap reads padding only, so the convolution
+    /// is the linear layer `y = x·W[t] (+ b)` and runs as one: `vgg11`'s last convolutions on
+    /// a 28×28 input would otherwise spend 8/9 of their products on padding.
+    fn live_rows(&self, g: &ConvGeometry) -> Option<Range<usize>> {
+        let single = g.h == 1 && g.w == 1 && g.oh == 1 && g.ow == 1;
+        (single && g.pad < g.kh && g.pad < g.kw).then(|| {
+            let t = g.pad * g.kw + g.pad;
+            t * g.c..(t + 1) * g.c
+        })
+    }
+
+    /// The forward pass of the single-pixel case (see [`Conv2d::live_rows`]): a GEMM with the
+    /// live rows, or the sparse matrix kernels on those rows when the weight is masked below
+    /// the linear layers' crossover (judged by the density of the whole weight).
+    fn forward_centre(
+        &mut self,
+        x: Tensor,
+        g: ConvGeometry,
+        rows: Range<usize>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (n, cin, cout) = (g.n, self.cin, self.cout);
+        let x = into_vec(x);
+        let mut out = vec![0.0f32; n * cout];
+        let bias = self.bias.as_ref().and_then(|b| b.value.as_slice());
+        let has_bias = bias.is_some();
+        if let Some(b) = bias {
+            for row in out.chunks_mut(cout) {
+                row.copy_from_slice(b);
+            }
+        }
+        let sparse = self.weight.mask().is_some_and(|m| {
+            policy::use_sparse(self.sparse_mode, &LayerShape::Linear, m.density())
+        });
+        let packed = if sparse {
+            self.weight.follow_kernels(true)?;
+            let lean = self.weight.is_lean();
+            if lean {
+                self.sparse.weight = None;
+            } else {
+                self.sync_sparse_weight()?;
+            }
+            let parent = if lean {
+                self.weight.lean_weight()
+            } else {
+                self.sparse.weight.as_ref()
+            }
+            .ok_or_else(sparse_state_error)?;
+            let w = cut_rows(&mut self.sparse.centre, parent, rows)?;
+            let plan = match self.sparse.matrix.take() {
+                Some(p) if p.m() == n => p,
+                _ => MatrixPlan::new(n, cin)?,
+            };
+            let mut packed = std::mem::take(&mut self.sparse.work.src);
+            let result = plan.pack_input(&x, &mut packed).and_then(|()| {
+                plan.forward(w, &packed, &mut self.sparse.work.out, &mut out, has_bias)
+            });
+            self.sparse.matrix = Some(plan);
+            if let Err(e) = result {
+                self.sparse.work.src = packed;
+                return Err(e);
+            }
+            Some(packed)
+        } else {
+            self.weight.follow_kernels(false)?;
+            self.sparse.weight = None;
+            let live = &weight_slice(&self.weight)?[rows.start * cout..rows.end * cout];
+            let beta = if has_bias { 1.0 } else { 0.0 };
+            gemm(
+                view2(&x, n, cin)?,
+                view2(live, cin, cout)?,
+                beta,
+                view2_mut(&mut out, n, cout)?,
+            );
+            None
+        };
+        self.last_sparse = sparse;
+        if mode.caches() {
+            self.cache = Some(Cache::Centre { geom: g, x, packed });
+        } else if let Some(p) = packed {
+            self.sparse.work.src = p;
+        }
+        from_vec(&[n, 1, 1, cout], out)
+    }
+
+    /// The backward pass of the single-pixel case: the weight gradient is zero outside the live
+    /// rows (those taps read padding only).
+    fn backward_centre(
+        &mut self,
+        grad: Tensor,
+        g: ConvGeometry,
+        x: Vec<f32>,
+        packed: Option<Vec<f32>>,
+    ) -> Result<Tensor> {
+        let result = expect_grad("conv2d", &grad, &[g.n, 1, 1, self.cout]).and_then(|()| {
+            let grad = contiguous(grad);
+            self.backward_centre_with(grad.as_slice().unwrap_or(&[]), &g, &x, packed.as_deref())
+        });
+        if let Some(p) = packed {
+            self.sparse.work.src = p;
+        }
+        let dx = result?;
+        if !self.input_grad {
+            return Ok(Tensor::zeros(ndarray::IxDyn(&[0])));
+        }
+        from_vec(&[g.n, 1, 1, g.c], dx)
+    }
+
+    fn backward_centre_with(
+        &mut self,
+        dy: &[f32],
+        g: &ConvGeometry,
+        x: &[f32],
+        packed: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        let rows = self.live_rows(g).ok_or_else(sparse_state_error)?;
+        let (n, cin, cout) = (g.n, self.cin, self.cout);
+        let live = rows.start * cout..rows.end * cout;
+        let full_grad = packed.is_none() || self.weight.wants_dense_grad();
+        if full_grad {
+            let dw = self.weight.dense_grad_buffer()?;
+            dw.fill(0.0);
+            gemm(
+                view2(x, n, cin)?.t(),
+                view2(dy, n, cout)?,
+                0.0,
+                view2_mut(&mut dw[live.clone()], cin, cout)?,
+            );
+            self.weight.finish_dense_grad();
+        } else {
+            self.weight.release_dense_grad();
+        }
+        if let Some(b) = &mut self.bias {
+            bias_grad(b, dy, n, cout);
+        }
+        let Some(packed) = packed else {
+            if !self.input_grad {
+                return Ok(Vec::new());
+            }
+            let mut dx = vec![0.0f32; n * cin];
+            gemm(
+                view2(dy, n, cout)?,
+                view2(&weight_slice(&self.weight)?[live], cin, cout)?.t(),
+                0.0,
+                view2_mut(&mut dx, n, cin)?,
+            );
+            return Ok(dx);
+        };
+        let plan = match self.sparse.matrix.take() {
+            Some(p) if p.m() == n => p,
+            _ => MatrixPlan::new(n, cin)?,
+        };
+        let result = self.centre_sparse_grads(dy, packed, &plan, rows, !full_grad);
+        self.sparse.matrix = Some(plan);
+        result
+    }
+
+    /// The sparse kernels' gradients of the single-pixel case: the active weight gradient of
+    /// the live rows (if `weight_grad`, zero at every other entry) and the input gradient.
+    fn centre_sparse_grads(
+        &mut self,
+        dy: &[f32],
+        packed: &[f32],
+        plan: &MatrixPlan,
+        rows: Range<usize>,
+        weight_grad: bool,
+    ) -> Result<Vec<f32>> {
+        let (cin, cout, patch) = (self.cin, self.cout, self.patch());
+        let work = &mut self.sparse.work;
+        plan.pack_output_grad(dy, cout, &mut work.out_grad)?;
+        let lean = self.weight.is_lean();
+        if !lean {
+            let values = weight_slice(&self.weight)?;
+            let mask = self.weight.mask().ok_or_else(sparse_state_error)?;
+            SparseWeight::sync(&mut self.sparse.weight, values, mask, patch, cout)?;
+        }
+        let w = if lean {
+            let (parent, dw) = self.weight.lean_parts().ok_or_else(sparse_state_error)?;
+            let entries = parent.row_entries(rows.clone())?;
+            let w = cut_rows(&mut self.sparse.centre, parent, rows)?;
+            if weight_grad {
+                dw.fill(0.0);
+                plan.weight_grad_active(w, packed, &work.out_grad, &mut dw[entries])?;
+            }
+            w
+        } else {
+            let parent = self.sparse.weight.as_ref().ok_or_else(sparse_state_error)?;
+            let live = rows.start * cout..rows.end * cout;
+            let w = cut_rows(&mut self.sparse.centre, parent, rows)?;
+            if weight_grad {
+                let dw = self.weight.grad.as_slice_mut().ok_or_else(layout_error)?;
+                dw.fill(0.0);
+                plan.weight_grad(
+                    w,
+                    packed,
+                    &work.out_grad,
+                    &mut work.weight_grad,
+                    &mut dw[live],
+                )?;
+            }
+            w
+        };
+        if !self.input_grad {
+            return Ok(Vec::new());
+        }
+        let mut dx = vec![0.0f32; plan.m() * cin];
+        plan.input_grad(w, &work.out_grad, &mut work.src_grad, &mut dx)?;
+        Ok(dx)
+    }
+
     /// The dense kernels' backward pass from the output gradient `dy` and the kept columns.
     fn backward_dense(
         &mut self,
@@ -403,6 +665,9 @@ impl super::Layer for Conv2d {
             self.stride,
             self.pad,
         )?;
+        if let Some(rows) = self.live_rows(&g) {
+            return self.forward_centre(x, g, rows, mode);
+        }
         if let Some(plan) = self.sparse_plan(&g)? {
             self.last_sparse = true;
             return self.forward_sparse(x, g, plan, mode);
@@ -452,6 +717,9 @@ impl super::Layer for Conv2d {
         let (g, cols) = match cache {
             Cache::Dense { geom, cols } => (geom, cols),
             Cache::Sparse { geom, packed } => return self.backward_sparse(grad, geom, packed),
+            Cache::Centre { geom, x, packed } => {
+                return self.backward_centre(grad, geom, x, packed);
+            }
         };
         if let Err(e) = expect_grad("conv2d", &grad, &[g.n, g.oh, g.ow, self.cout]) {
             if !g.is_pointwise() {

@@ -1,5 +1,6 @@
 //! A masked `[K, N]` weight in compressed form, indexed both by column and by row.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::mask::Mask;
@@ -251,6 +252,44 @@ impl SparseWeight {
         }
     }
 
+    /// The CSR entries (positions in mask order) of the rows `rows`.
+    pub fn row_entries(&self, rows: Range<usize>) -> Result<Range<usize>> {
+        if rows.start > rows.end || rows.end > self.rows {
+            return Err(Error::shape("sparse weight rows", self.rows, rows.end));
+        }
+        Ok(self.row_ptr[rows.start] as usize..self.row_ptr[rows.end] as usize)
+    }
+
+    /// The rows `rows` as a weight of their own (pattern and values copied; its columns are
+    /// up to date if this weight's are).
+    pub fn row_block(&self, rows: Range<usize>) -> Result<SparseWeight> {
+        let entries = self.row_entries(rows.clone())?;
+        let first = rows.start * self.cols;
+        let mask = Mask::from_fn(rows.len() * self.cols, |i| self.pattern.get(first + i));
+        let mut block = Self::pattern(Arc::new(mask), rows.len(), self.cols)?;
+        block.row_val.copy_from_slice(&self.row_val[entries]);
+        block.stale = true;
+        block.sync_columns();
+        Ok(block)
+    }
+
+    /// Re-reads the values of a [`SparseWeight::row_block`] of `parent` (the same rows of a
+    /// weight with the same pattern).
+    pub fn refresh_rows(&mut self, parent: &SparseWeight, rows: Range<usize>) -> Result<()> {
+        let entries = parent.row_entries(rows.clone())?;
+        if rows.len() != self.rows || parent.cols != self.cols || entries.len() != self.nnz() {
+            return Err(Error::shape(
+                "sparse weight row block",
+                (self.rows, self.cols, self.nnz()),
+                (rows.len(), parent.cols, entries.len()),
+            ));
+        }
+        self.row_val.copy_from_slice(&parent.row_val[entries]);
+        self.stale = true;
+        self.sync_columns();
+        Ok(())
+    }
+
     /// Writes the rows `k` of the CSR entries `e0..e0 + out.len()` into `out`.
     pub(super) fn entry_rows(&self, e0: usize, out: &mut [u32]) {
         if out.is_empty() {
@@ -366,6 +405,40 @@ mod tests {
         for i in 0..k * n {
             assert_eq!(dense[i], if mask.get(i) { values[i] } else { 0.0 });
         }
+    }
+
+    #[test]
+    fn row_blocks_hold_their_rows_entries_and_follow_new_values() {
+        let (k, n) = (9, 5);
+        let values: Vec<f32> = (0..k * n).map(|i| i as f32 - 7.25).collect();
+        let mask = Mask::from_fn(k * n, |i| (i * 11) % 4 != 0);
+        let w = SparseWeight::new(&values, &mask, k, n).unwrap();
+        for rows in [0..0, 0..9, 3..6, 8..9] {
+            let block = w.row_block(rows.clone()).unwrap();
+            let sub: Vec<f32> = (rows.start * n..rows.end * n).map(|i| values[i]).collect();
+            let sub_mask = Mask::from_fn(sub.len(), |i| mask.get(rows.start * n + i));
+            let want = SparseWeight::new(&sub, &sub_mask, rows.len(), n).unwrap();
+            assert_eq!((block.rows(), block.cols()), (rows.len(), n));
+            assert_eq!(block.values(), want.values());
+            assert_eq!(block.row_col, want.row_col);
+            assert_eq!(
+                (&block.col_row, &block.col_val),
+                (&want.col_row, &want.col_val)
+            );
+            assert!(!block.is_stale());
+            let entries = w.row_entries(rows.clone()).unwrap();
+            assert_eq!(&w.values()[entries], block.values());
+        }
+        // New values of the parent reach the block's columns.
+        let shifted: Vec<f32> = values.iter().map(|v| v * 2.0 + 1.0).collect();
+        let w2 = SparseWeight::new(&shifted, &mask, k, n).unwrap();
+        let mut block = w.row_block(3..6).unwrap();
+        block.refresh_rows(&w2, 3..6).unwrap();
+        assert_eq!(block.values(), w2.row_block(3..6).unwrap().values());
+        assert_eq!(block.col_val, w2.row_block(3..6).unwrap().col_val);
+        assert!(block.refresh_rows(&w2, 3..7).is_err());
+        assert!(w.row_entries(5..10).is_err());
+        assert!(w.row_block(2..10).is_err());
     }
 
     #[test]
