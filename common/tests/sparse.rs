@@ -188,11 +188,12 @@ fn sparse_and_dense_linear_agree_on_random_masked_layers() {
 /// keeps them dense at 100 %, and Auto follows it.
 #[test]
 fn auto_mode_follows_the_policy_on_model_shapes() {
-    let fc1 = LayerShape::Linear;
+    let fc1 = LayerShape::Linear {
+        weights: 3136 * 128,
+    };
     let conv2 = LayerShape::Conv {
-        fan_out: 64,
-        stride: 1,
-        waste: 256.0 / 196.0,
+        pixels: 196,
+        taps: 9,
         patch: 288,
     };
     for shape in [fc1, conv2] {
@@ -354,9 +355,10 @@ fn single_pixel_convolutions_match_the_definition() {
     let mut r = rng::seeded(21);
     let x = random_tensor(&[n, 1, 1, cin], &mut r);
     let dy = random_tensor(&[n, 1, 1, cout], &mut r);
+    // Below and above the crossover of the automatic choice.
     let masks = [
         random_mask(k * k * cin * cout, 0.1, &mut r),
-        random_mask(k * k * cin * cout, 0.05, &mut r),
+        random_mask(k * k * cin * cout, 0.3, &mut r),
     ];
     for masked in [false, true] {
         for dense_grad in [false, true] {
@@ -392,7 +394,15 @@ fn single_pixel_convolutions_match_the_definition() {
                             }
                         });
                         let y = c.forward(x.clone(), Mode::Train).unwrap();
-                        let sparse = masked && mode != SparseMode::Never;
+                        let shape = LayerShape::SinglePixel;
+                        let sparse = masked && policy::use_sparse(mode, &shape, mask.density());
+                        assert_eq!(
+                            sparse,
+                            masked
+                                && (mode == SparseMode::Always
+                                    || (mode == SparseMode::Auto && step == 0)),
+                            "{what}"
+                        );
                         assert_eq!(c.ran_sparse(), sparse, "{what}");
                         let dx = c.backward(dy.clone()).unwrap();
                         let (wy, wdx, mut wdw) = single_pixel_reference(

@@ -215,24 +215,17 @@ impl Conv2d {
             None if self.patch() <= policy::SMALL_PATCH => 1.0,
             None => return Ok(None),
         };
-        if self.sparse_mode == SparseMode::Never {
-            return Ok(None);
-        }
-        let plan = match self.sparse.plan.take() {
-            Some(p) if p.geometry() == g => p,
-            _ => ConvPlan::new(g)?,
-        };
         let shape = LayerShape::Conv {
-            fan_out: self.cout,
-            stride: self.stride,
-            waste: plan.waste(),
+            pixels: g.oh * g.ow,
+            taps: self.k * self.k,
             patch: self.patch(),
         };
-        if policy::use_sparse(self.sparse_mode, &shape, density) {
-            Ok(Some(plan))
-        } else {
-            self.sparse.plan = Some(plan);
-            Ok(None)
+        if !policy::use_sparse(self.sparse_mode, &shape, density) {
+            return Ok(None);
+        }
+        match self.sparse.plan.take() {
+            Some(p) if p.geometry() == g => Ok(Some(p)),
+            _ => ConvPlan::new(g).map(Some),
         }
     }
 
@@ -394,7 +387,8 @@ impl Conv2d {
 
     /// The forward pass of the single-pixel case (see [`Conv2d::live_rows`]): a GEMM with the
     /// live rows, or the sparse matrix kernels on those rows when the weight is masked below
-    /// the linear layers' crossover (judged by the density of the whole weight).
+    /// the crossover of [`LayerShape::SinglePixel`] (judged by the density of the whole
+    /// weight).
     fn forward_centre(
         &mut self,
         x: Tensor,
@@ -412,9 +406,11 @@ impl Conv2d {
                 row.copy_from_slice(b);
             }
         }
-        let sparse = self.weight.mask().is_some_and(|m| {
-            policy::use_sparse(self.sparse_mode, &LayerShape::Linear, m.density())
-        });
+        let shape = LayerShape::SinglePixel;
+        let sparse = self
+            .weight
+            .mask()
+            .is_some_and(|m| policy::use_sparse(self.sparse_mode, &shape, m.density()));
         let packed = if sparse {
             self.weight.follow_kernels(true)?;
             let lean = self.weight.is_lean();

@@ -105,7 +105,9 @@ impl Linear {
         let Some(mask) = self.weight.mask() else {
             return Ok(None);
         };
-        let shape = LayerShape::Linear;
+        let shape = LayerShape::Linear {
+            weights: self.fan_in * self.fan_out,
+        };
         if !policy::use_sparse(self.sparse_mode, &shape, mask.density()) {
             return Ok(None);
         }
