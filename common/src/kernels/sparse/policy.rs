@@ -3,9 +3,11 @@
 //!
 //! Measured with `cargo test --release -p fedtiny-common --test crossover -- --ignored
 //! --nocapture`: one conv or linear layer's training step (forward, input gradient and weight
-//! gradient, batch 64, 2 threads), the layer forced sparse against forced dense, the minimum of
-//! 21 steps of each, the two measured alternately. Sparse speed-up over dense at density
-//! 1 / 5 / 10 / 20 / 30 / 50 %, and where it crosses 1 (range over three runs of the sweep):
+//! gradient, batch 64, 2 threads), the layer forced sparse against forced dense, the fastest of
+//! 7 rounds of 3 steps each (after a warm-up round), the two measured alternately. Sparse speed-up over dense at density
+//! 1 / 5 / 10 / 20 / 30 / 50 %, and where it crosses 1 (ranges over the first three runs of the
+//! sweep; the rows added later, vgg conv3, resnet layer3 shortcut and the width-1 shapes,
+//! over the runs they were in, one to two):
 //!
 //! | layer (input, channels) | output pixels | 1 % | 5 % | 10 % | 20 % | 30 % | 50 % | crossover |
 //! |---|---|---|---|---|---|---|---|---|
