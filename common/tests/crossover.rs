@@ -19,7 +19,7 @@ use fedtiny_common::kernels::sparse::policy::{self, LayerShape, SparseMode};
 use fedtiny_common::layers::{Conv2d, Layer, Linear, SlotMut};
 use fedtiny_common::mask::Mask;
 use fedtiny_common::parallel::thread_pool;
-use fedtiny_common::rng;
+use fedtiny_common::rng::{self, Rng};
 use fedtiny_common::tensor::{Mode, Tensor};
 use support::{random_mask, random_tensor};
 
@@ -57,6 +57,32 @@ fn min_step_times(layers: &mut [Box<dyn Layer>], x: &Tensor) -> Vec<f64> {
         }
     }
     best
+}
+
+/// The sparse speed-up over dense at each density: `make(mode, rng)` builds the layer (a weight
+/// of `len` elements), which gets the same random mask in both modes.
+fn speedups(
+    x: &Tensor,
+    len: usize,
+    r: &mut Rng,
+    make: &dyn Fn(SparseMode, &mut Rng) -> Box<dyn Layer>,
+) -> Vec<f64> {
+    DENSITIES
+        .iter()
+        .map(|&d| {
+            let mask = random_mask(len, d, r);
+            let mut layers: Vec<Box<dyn Layer>> = [SparseMode::Always, SparseMode::Never]
+                .into_iter()
+                .map(|mode| {
+                    let mut l = make(mode, r);
+                    install(l.as_mut(), &mask);
+                    l
+                })
+                .collect();
+            let t = min_step_times(&mut layers, x);
+            t[1] / t[0]
+        })
+        .collect()
 }
 
 /// Where the speed-up curve (falling with density) crosses 1, by linear interpolation.
@@ -132,48 +158,18 @@ fn measure_crossovers() {
                     patch: g.patch(),
                 }
             };
-            let speedups: Vec<f64> = DENSITIES
-                .iter()
-                .map(|&d| {
-                    let mask = random_mask(k * k * cin * cout, d, &mut r);
-                    let mut layers: Vec<Box<dyn Layer>> = [SparseMode::Always, SparseMode::Never]
-                        .into_iter()
-                        .map(|mode| {
-                            let mut c = Conv2d::new(cin, cout, k, stride, pad, false, &mut r)
-                                .unwrap()
-                                .prunable()
-                                .with_sparse_mode(mode);
-                            install(&mut c, &mask);
-                            Box::new(c) as Box<dyn Layer>
-                        })
-                        .collect();
-                    let t = min_step_times(&mut layers, &x);
-                    t[1] / t[0]
-                })
-                .collect();
+            let speedups = speedups(&x, k * k * cin * cout, &mut r, &|mode, r| {
+                let c = Conv2d::new(cin, cout, k, stride, pad, false, r).unwrap();
+                Box::new(c.prunable().with_sparse_mode(mode))
+            });
             report(name, waste, &shape, &speedups);
         }
         for (name, fi, fo) in linears {
             let x = random_tensor(&[BATCH, fi], &mut r);
-            let speedups: Vec<f64> = DENSITIES
-                .iter()
-                .map(|&d| {
-                    let mask = random_mask(fi * fo, d, &mut r);
-                    let mut layers: Vec<Box<dyn Layer>> = [SparseMode::Always, SparseMode::Never]
-                        .into_iter()
-                        .map(|mode| {
-                            let mut l = Linear::new(fi, fo, &mut r)
-                                .unwrap()
-                                .prunable()
-                                .with_sparse_mode(mode);
-                            install(&mut l, &mask);
-                            Box::new(l) as Box<dyn Layer>
-                        })
-                        .collect();
-                    let t = min_step_times(&mut layers, &x);
-                    t[1] / t[0]
-                })
-                .collect();
+            let speedups = speedups(&x, fi * fo, &mut r, &|mode, r| {
+                let l = Linear::new(fi, fo, r).unwrap();
+                Box::new(l.prunable().with_sparse_mode(mode))
+            });
             let shape = LayerShape::Linear { weights: fi * fo };
             report(name, None, &shape, &speedups);
         }

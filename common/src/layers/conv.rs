@@ -229,6 +229,20 @@ impl Conv2d {
         }
     }
 
+    /// Puts the weight where the sparse kernels want it: lean storage when allowed (then the
+    /// layer keeps no compressed copy), else a compressed copy synced with the dense values.
+    /// Returns whether the weight is lean.
+    fn weight_for_sparse_kernels(&mut self) -> Result<bool> {
+        self.weight.follow_kernels(true)?;
+        let lean = self.weight.is_lean();
+        if lean {
+            self.sparse.weight = None;
+        } else {
+            self.sync_sparse_weight()?;
+        }
+        Ok(lean)
+    }
+
     /// Brings the compressed weight up to date with the weight's values and mask (all entries
     /// if the mask was removed since the forward pass).
     fn sync_sparse_weight(&mut self) -> Result<()> {
@@ -252,13 +266,7 @@ impl Conv2d {
         plan: ConvPlan,
         mode: Mode,
     ) -> Result<Tensor> {
-        self.weight.follow_kernels(true)?;
-        let lean = self.weight.is_lean();
-        if lean {
-            self.sparse.weight = None;
-        } else {
-            self.sync_sparse_weight()?;
-        }
+        let lean = self.weight_for_sparse_kernels()?;
         let x = contiguous(x);
         let mut packed = std::mem::take(&mut self.sparse.work.src);
         let mut out = vec![0.0f32; g.rows() * self.cout];
@@ -412,13 +420,7 @@ impl Conv2d {
             .mask()
             .is_some_and(|m| policy::use_sparse(self.sparse_mode, &shape, m.density()));
         let packed = if sparse {
-            self.weight.follow_kernels(true)?;
-            let lean = self.weight.is_lean();
-            if lean {
-                self.sparse.weight = None;
-            } else {
-                self.sync_sparse_weight()?;
-            }
+            let lean = self.weight_for_sparse_kernels()?;
             let parent = if lean {
                 self.weight.lean_weight()
             } else {
