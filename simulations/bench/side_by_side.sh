@@ -23,7 +23,7 @@
 #                `cargo build --release -j 1 -p fedtiny-simulations --bin fedtiny-sim`,
 #                honouring CARGO_TARGET_DIR)
 #   CASES        space-separated model:width[:warmup:steps:repeats]
-#                (default: "cnn:1 vgg11:0.25 resnet18:0.25 resnet18:1")
+#                (default: "cnn:1 vgg11:0.25 vgg11:1 resnet18:0.25 resnet18:1")
 #   DENSITIES    fedtiny density sweep (default: 1,0.5,0.2,0.1,0.05,0.02,0.01)
 #   THREADS (2), BATCH (64), WARMUP (3), STEPS (10), REPEATS (5): defaults of every case,
 #                the same as `fedtiny-sim bench`'s own defaults
@@ -34,7 +34,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-CASES="${CASES:-cnn:1 vgg11:0.25 resnet18:0.25 resnet18:1}"
+CASES="${CASES:-cnn:1 vgg11:0.25 vgg11:1 resnet18:0.25 resnet18:1}"
 DENSITIES="${DENSITIES:-1,0.5,0.2,0.1,0.05,0.02,0.01}"
 THREADS="${THREADS:-2}"
 BATCH="${BATCH:-64}"
