@@ -393,6 +393,27 @@ impl Conv2d {
         })
     }
 
+    /// The output buffer of `rows` pixels, holding the bias in every row if there is one
+    /// (then products accumulate into it), and whether there is.
+    fn output_with_bias(&self, rows: usize) -> (Vec<f32>, bool) {
+        let mut out = vec![0.0f32; rows * self.cout];
+        let bias = self.bias.as_ref().and_then(|b| b.value.as_slice());
+        if let Some(b) = bias {
+            for row in out.chunks_mut(self.cout) {
+                row.copy_from_slice(b);
+            }
+        }
+        (out, bias.is_some())
+    }
+
+    /// The kept plan of the single-pixel case for a batch of `n`, or a new one.
+    fn centre_plan(&mut self, n: usize) -> Result<MatrixPlan> {
+        match self.sparse.matrix.take() {
+            Some(p) if p.m() == n => Ok(p),
+            _ => MatrixPlan::new(n, self.cin),
+        }
+    }
+
     /// The forward pass of the single-pixel case (see [`Conv2d::live_rows`]): a GEMM with the
     /// live rows, or the sparse matrix kernels on those rows when the weight is masked below
     /// the crossover of [`LayerShape::SinglePixel`] (judged by the density of the whole
@@ -406,20 +427,14 @@ impl Conv2d {
     ) -> Result<Tensor> {
         let (n, cin, cout) = (g.n, self.cin, self.cout);
         let x = into_vec(x);
-        let mut out = vec![0.0f32; n * cout];
-        let bias = self.bias.as_ref().and_then(|b| b.value.as_slice());
-        let has_bias = bias.is_some();
-        if let Some(b) = bias {
-            for row in out.chunks_mut(cout) {
-                row.copy_from_slice(b);
-            }
-        }
+        let (mut out, has_bias) = self.output_with_bias(n);
         let shape = LayerShape::SinglePixel;
         let sparse = self
             .weight
             .mask()
             .is_some_and(|m| policy::use_sparse(self.sparse_mode, &shape, m.density()));
         let packed = if sparse {
+            let plan = self.centre_plan(n)?;
             let lean = self.weight_for_sparse_kernels()?;
             let parent = if lean {
                 self.weight.lean_weight()
@@ -428,10 +443,6 @@ impl Conv2d {
             }
             .ok_or_else(sparse_state_error)?;
             let w = cut_rows(&mut self.sparse.centre, parent, rows)?;
-            let plan = match self.sparse.matrix.take() {
-                Some(p) if p.m() == n => p,
-                _ => MatrixPlan::new(n, cin)?,
-            };
             let mut packed = std::mem::take(&mut self.sparse.work.src);
             let result = plan.pack_input(&x, &mut packed).and_then(|()| {
                 plan.forward(w, &packed, &mut self.sparse.work.out, &mut out, has_bias)
@@ -527,10 +538,7 @@ impl Conv2d {
             );
             return Ok(dx);
         };
-        let plan = match self.sparse.matrix.take() {
-            Some(p) if p.m() == n => p,
-            _ => MatrixPlan::new(n, cin)?,
-        };
+        let plan = self.centre_plan(n)?;
         let result = self.centre_sparse_grads(dy, packed, &plan, rows, !full_grad);
         self.sparse.matrix = Some(plan);
         result
@@ -546,15 +554,13 @@ impl Conv2d {
         rows: Range<usize>,
         weight_grad: bool,
     ) -> Result<Vec<f32>> {
-        let (cin, cout, patch) = (self.cin, self.cout, self.patch());
-        let work = &mut self.sparse.work;
-        plan.pack_output_grad(dy, cout, &mut work.out_grad)?;
+        let (cin, cout) = (self.cin, self.cout);
         let lean = self.weight.is_lean();
         if !lean {
-            let values = weight_slice(&self.weight)?;
-            let mask = self.weight.mask().ok_or_else(sparse_state_error)?;
-            SparseWeight::sync(&mut self.sparse.weight, values, mask, patch, cout)?;
+            self.sync_sparse_weight()?;
         }
+        let work = &mut self.sparse.work;
+        plan.pack_output_grad(dy, cout, &mut work.out_grad)?;
         let w = if lean {
             let (parent, dw) = self.weight.lean_parts().ok_or_else(sparse_state_error)?;
             let entries = parent.row_entries(rows.clone())?;
@@ -684,15 +690,8 @@ impl super::Layer for Conv2d {
             cols
         };
         let rows = g.rows();
-        let mut out = vec![0.0f32; rows * self.cout];
-        let mut beta = 0.0;
-        if let Some(b) = &self.bias {
-            let bv = b.value.as_slice().unwrap_or(&[]);
-            for row in out.chunks_mut(self.cout) {
-                row.copy_from_slice(bv);
-            }
-            beta = 1.0;
-        }
+        let (mut out, has_bias) = self.output_with_bias(rows);
+        let beta = if has_bias { 1.0 } else { 0.0 };
         {
             let a = view2(&cols, rows, patch)?;
             let w = view2(weight_slice(&self.weight)?, patch, self.cout)?;

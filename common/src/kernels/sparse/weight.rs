@@ -266,11 +266,8 @@ impl SparseWeight {
         let entries = self.row_entries(rows.clone())?;
         let first = rows.start * self.cols;
         let mask = Mask::from_fn(rows.len() * self.cols, |i| self.pattern.get(first + i));
-        let mut block = Self::pattern(Arc::new(mask), rows.len(), self.cols)?;
-        block.row_val.copy_from_slice(&self.row_val[entries]);
-        block.stale = true;
-        block.sync_columns();
-        Ok(block)
+        let values = self.row_val[entries].to_vec();
+        Self::from_active(values, Arc::new(mask), rows.len(), self.cols)
     }
 
     /// Re-reads the values of a [`SparseWeight::row_block`] of `parent` (the same rows of a
@@ -284,8 +281,7 @@ impl SparseWeight {
                 (rows.len(), parent.cols, entries.len()),
             ));
         }
-        self.row_val.copy_from_slice(&parent.row_val[entries]);
-        self.stale = true;
+        self.values_mut().copy_from_slice(&parent.row_val[entries]);
         self.sync_columns();
         Ok(())
     }
