@@ -79,6 +79,8 @@ fn parse_kind(s: &str) -> Result<DatasetKind, String> {
 }
 
 fn main() -> Result<()> {
+    // Before anything allocates: freed buffers stay with the process for the next step.
+    fedtiny_common::heap::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

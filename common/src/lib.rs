@@ -37,6 +37,7 @@ pub mod cost;
 pub mod data;
 pub mod error;
 pub mod fedtiny;
+pub mod heap;
 pub mod kernels;
 pub mod layers;
 pub mod loss;
