@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ndarray::{ArrayView2, ArrayViewMut2};
 use rand_distr::{Distribution, Normal};
 
-use super::{OpInfo, OpKind, Slot, SlotMut, expect_grad, expect_input, join};
+use super::{OpInfo, OpKind, Slot, SlotMut, compressed, expect_grad, expect_input, join};
 use crate::kernels::sparse::policy::{self, LayerShape, SparseMode};
 use crate::kernels::sparse::{ConvPlan, MatrixPlan, SparseWeight, Workspace};
 use crate::kernels::{ConvGeometry, gemm, im2col, reduce};
@@ -233,30 +233,15 @@ impl Conv2d {
     /// layer keeps no compressed copy), else a compressed copy synced with the dense values.
     /// Returns whether the weight is lean.
     fn weight_for_sparse_kernels(&mut self) -> Result<bool> {
-        self.weight.follow_kernels(true)?;
-        let lean = self.weight.is_lean();
-        if lean {
-            self.sparse.weight = None;
-        } else {
-            self.sync_sparse_weight()?;
-        }
-        Ok(lean)
+        let (rows, cols) = (self.patch(), self.cout);
+        compressed::prepare(&mut self.weight, &mut self.sparse.weight, rows, cols)
     }
 
     /// Brings the compressed weight up to date with the weight's values and mask (all entries
     /// if the mask was removed since the forward pass).
     fn sync_sparse_weight(&mut self) -> Result<()> {
         let (rows, cols) = (self.patch(), self.cout);
-        let values = weight_slice(&self.weight)?;
-        let all;
-        let mask = match self.weight.mask() {
-            Some(m) => m,
-            None => {
-                all = Mask::ones(values.len());
-                &all
-            }
-        };
-        SparseWeight::sync(&mut self.sparse.weight, values, mask, rows, cols)
+        compressed::sync(&self.weight, &mut self.sparse.weight, rows, cols)
     }
 
     fn forward_sparse(

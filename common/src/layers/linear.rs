@@ -4,11 +4,10 @@
 use rand::RngExt;
 
 use super::conv::{view2, view2_mut, weight_slice};
-use super::{OpInfo, OpKind, Slot, SlotMut, expect_grad, expect_input, join};
+use super::{OpInfo, OpKind, Slot, SlotMut, compressed, expect_grad, expect_input, join};
 use crate::kernels::sparse::policy::{self, LayerShape, SparseMode};
 use crate::kernels::sparse::{MatrixPlan, SparseWeight, Workspace};
 use crate::kernels::{gemm, reduce};
-use crate::mask::Mask;
 use crate::param::{Param, Role};
 use crate::rng::Rng;
 use crate::tensor::{Mode, Tensor, contiguous, from_vec};
@@ -121,26 +120,12 @@ impl Linear {
     /// if the mask was removed since the forward pass).
     fn sync_sparse_weight(&mut self) -> Result<()> {
         let (rows, cols) = (self.fan_in, self.fan_out);
-        let values = weight_slice(&self.weight)?;
-        let all;
-        let mask = match self.weight.mask() {
-            Some(m) => m,
-            None => {
-                all = Mask::ones(values.len());
-                &all
-            }
-        };
-        SparseWeight::sync(&mut self.sparse.weight, values, mask, rows, cols)
+        compressed::sync(&self.weight, &mut self.sparse.weight, rows, cols)
     }
 
     fn forward_sparse(&mut self, x: Tensor, plan: MatrixPlan, mode: Mode) -> Result<Tensor> {
-        self.weight.follow_kernels(true)?;
-        let lean = self.weight.is_lean();
-        if lean {
-            self.sparse.weight = None;
-        } else {
-            self.sync_sparse_weight()?;
-        }
+        let (rows, cols) = (self.fan_in, self.fan_out);
+        let lean = compressed::prepare(&mut self.weight, &mut self.sparse.weight, rows, cols)?;
         let n = x.shape()[0];
         let mut packed = std::mem::take(&mut self.sparse.work.src);
         let mut out = vec![0.0f32; n * self.fan_out];

@@ -22,6 +22,7 @@
 //! with the same named tensors and results as the two layers.
 
 mod batchnorm;
+mod compressed;
 mod conv;
 mod dropout;
 mod flatten;
