@@ -141,6 +141,9 @@ fn sparse_and_dense_conv_agree_on_random_masked_layers() {
         (2, 3, 3, 16, 32, 3, 1, 1, false),
         (1, 11, 13, 3, 5, 5, 1, 2, true),
         (2, 1, 1, 12, 7, 3, 1, 1, false),
+        // Outputs as long as the inputs: the sparse passes write over their inputs.
+        (2, 7, 6, 8, 8, 3, 1, 1, true),
+        (2, 6, 6, 2, 8, 3, 2, 1, false),
     ] {
         for density in [0.01, 0.05, 0.2, 0.6, 1.0] {
             let x = random_tensor(&[n, h, w, cin], &mut r);
@@ -261,6 +264,33 @@ fn unmasked_small_patch_convolutions_run_the_direct_kernels() {
     c.forward(random_tensor(&[2, 5, 5, 2], &mut r), Mode::Eval)
         .unwrap();
     assert!(!c.ran_sparse());
+}
+
+/// On the sparse kernels, a convolution whose output is as long as its input writes the output
+/// over the input and the input gradient over the output gradient (no fresh buffers); one that
+/// changes the length does not. Correctness of both is checked above against the dense path.
+#[test]
+fn equal_length_sparse_convolutions_write_over_their_inputs() {
+    let mut r = rng::seeded(12);
+    for (cin, cout, stride, in_place) in [(8, 8, 1, true), (2, 8, 2, true), (8, 16, 1, false)] {
+        let mut c = Conv2d::new(cin, cout, 3, stride, 1, false, &mut rng::seeded(13))
+            .unwrap()
+            .prunable()
+            .with_sparse_mode(SparseMode::Always);
+        let mask = random_mask(9 * cin * cout, 0.2, &mut r);
+        prepare(&mut c, &mask, false, 14);
+        let x = random_tensor(&[3, 6, 6, cin], &mut r);
+        let x_at = x.as_ptr();
+        let y = c.forward(x, Mode::Train).unwrap();
+        assert!(c.ran_sparse());
+        let dy = random_tensor(y.shape(), &mut r);
+        let dy_at = dy.as_ptr();
+        let dx = c.backward(dy).unwrap();
+        let what = format!("{cin}->{cout} stride {stride}");
+        assert_eq!(y.as_ptr() == x_at, in_place, "output over input, {what}");
+        assert_eq!(dx.as_ptr() == dy_at, in_place, "input gradient, {what}");
+        assert_eq!(dx.shape(), &[3, 6, 6, cin]);
+    }
 }
 
 /// A few masked training steps (sparse kernels under the policy) on 1 and 2 threads.

@@ -247,6 +247,14 @@ impl ConvPlan {
         Ok(())
     }
 
+    /// Whether the output of an image is as long as its input (same pixels, as many output as
+    /// input channels), so that [`ConvPlan::forward_in_place`] and
+    /// [`ConvPlan::backward_in_place`] apply.
+    pub fn in_place(&self, cols: usize) -> bool {
+        let g = &self.g;
+        g.image_len() == g.oh * g.ow * cols
+    }
+
     /// `y = conv(x, W) (+ bias)` for the NHWC batch `x`, into NHWC `y` (`[n, oh, ow, cout]`,
     /// overwritten). The packed input is left in `s` (resized) for [`ConvPlan::backward`].
     /// Blocks are independent tasks: each is packed, multiplied and unpacked while it is in
@@ -259,27 +267,80 @@ impl ConvPlan {
         s: &mut Vec<f32>,
         y: &mut [f32],
     ) -> Result<()> {
-        let (g, cols, l) = (&self.g, w.cols(), &self.layout);
-        let pixels = g.oh * g.ow;
-        check("weight rows", l.rows(), w.rows())?;
-        products::check_columns(w)?;
+        let (g, cols) = (&self.g, w.cols());
+        self.check_forward(w, bias, s)?;
         check("input", g.n * g.image_len(), x.len())?;
-        check("output", g.n * pixels * cols, y.len())?;
-        if let Some(b) = bias {
-            check("bias", cols, b.len())?;
-        }
-        s.resize(l.src_len(), 0.0);
-        let isa = self.isa;
-        y.par_chunks_mut((self.images * pixels * cols).max(1))
-            .zip(s.par_chunks_mut(l.block_len().max(1)))
+        check("output", g.n * g.oh * g.ow * cols, y.len())?;
+        y.par_chunks_mut((self.images * g.oh * g.ow * cols).max(1))
+            .zip(s.par_chunks_mut(self.layout.block_len().max(1)))
             .zip(x.par_chunks((self.images * g.image_len()).max(1)))
             .for_each_init(Vec::new, |t, ((yb, sb), xb)| {
                 self.pack_block(xb, sb);
-                t.resize(cols * l.out_len(), 0.0);
-                products::forward_block(isa, l, w, sb, t);
-                self.unpack_output(t, cols, bias, yb);
+                self.block_output(w, sb, bias, t, yb);
             });
         Ok(())
+    }
+
+    /// [`ConvPlan::forward`] with the output written over the input: `buf` holds the NHWC
+    /// input on entry and the NHWC output on exit, block by block (a block's images are packed
+    /// before their outputs are written), so no output buffer is allocated and the output's
+    /// lines are written while in cache. Needs [`ConvPlan::in_place`].
+    pub fn forward_in_place(
+        &self,
+        w: &SparseWeight,
+        buf: &mut [f32],
+        bias: Option<&[f32]>,
+        s: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (g, cols) = (&self.g, w.cols());
+        if !self.in_place(cols) {
+            return Err(Error::shape(
+                "sparse conv in place",
+                format!("output of {} values per image", g.image_len()),
+                g.oh * g.ow * cols,
+            ));
+        }
+        self.check_forward(w, bias, s)?;
+        check("input", g.n * g.image_len(), buf.len())?;
+        buf.par_chunks_mut((self.images * g.image_len()).max(1))
+            .zip(s.par_chunks_mut(self.layout.block_len().max(1)))
+            .for_each_init(Vec::new, |t, (b, sb)| {
+                self.pack_block(b, sb);
+                self.block_output(w, sb, bias, t, b);
+            });
+        Ok(())
+    }
+
+    /// The checks shared by the forward passes; resizes `s` to the packed input.
+    fn check_forward(
+        &self,
+        w: &SparseWeight,
+        bias: Option<&[f32]>,
+        s: &mut Vec<f32>,
+    ) -> Result<()> {
+        check("weight rows", self.layout.rows(), w.rows())?;
+        products::check_columns(w)?;
+        if let Some(b) = bias {
+            check("bias", w.cols(), b.len())?;
+        }
+        s.resize(self.layout.src_len(), 0.0);
+        Ok(())
+    }
+
+    /// The products of one packed block `sb` into `t` (scratch) and their NHWC output into
+    /// `yb` (+ bias).
+    fn block_output(
+        &self,
+        w: &SparseWeight,
+        sb: &[f32],
+        bias: Option<&[f32]>,
+        t: &mut Vec<f32>,
+        yb: &mut [f32],
+    ) {
+        let (l, cols) = (&self.layout, w.cols());
+        t.resize(cols * l.out_len(), 0.0);
+        products::forward_block(self.isa, l, w, sb, t);
+        self.unpack_output(t, cols, bias, yb);
     }
 
     /// The gradients of [`ConvPlan::forward`] from the packed input `s` and the NHWC output
@@ -300,7 +361,8 @@ impl ConvPlan {
         dw: Option<&mut [f32]>,
         partials: &mut Vec<f32>,
     ) -> Result<()> {
-        self.backward_into(w, s, dy, dx, dw.map(WeightGrad::Dense), partials)
+        let io = Gradients::Apart { dy, dx };
+        self.backward_into(w, s, io, dw.map(WeightGrad::Dense), partials)
     }
 
     /// [`ConvPlan::backward`] with the weight gradient written one value per active entry, in
@@ -314,15 +376,38 @@ impl ConvPlan {
         dw: Option<&mut [f32]>,
         partials: &mut Vec<f32>,
     ) -> Result<()> {
-        self.backward_into(w, s, dy, dx, dw.map(WeightGrad::Active), partials)
+        let io = Gradients::Apart { dy, dx };
+        self.backward_into(w, s, io, dw.map(WeightGrad::Active), partials)
+    }
+
+    /// [`ConvPlan::backward`] (`dw` a [`WeightGrad`]) with the input gradient written over the
+    /// output gradient: `buf` holds the NHWC output gradient on entry and the NHWC input
+    /// gradient on exit, block by block (a block's output gradient is packed before its input
+    /// gradient is written). Needs [`ConvPlan::in_place`].
+    pub fn backward_in_place(
+        &self,
+        w: &SparseWeight,
+        s: &[f32],
+        buf: &mut [f32],
+        dw: Option<WeightGrad<'_>>,
+        partials: &mut Vec<f32>,
+    ) -> Result<()> {
+        if !self.in_place(w.cols()) {
+            let g = &self.g;
+            return Err(Error::shape(
+                "sparse conv in place",
+                format!("output gradient of {} values per image", g.image_len()),
+                g.oh * g.ow * w.cols(),
+            ));
+        }
+        self.backward_into(w, s, Gradients::InPlace(buf), dw, partials)
     }
 
     fn backward_into(
         &self,
         w: &SparseWeight,
         s: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
+        io: Gradients<'_>,
         dw: Option<WeightGrad<'_>>,
         partials: &mut Vec<f32>,
     ) -> Result<()> {
@@ -330,24 +415,37 @@ impl ConvPlan {
         let (block, nnz) = (l.block_len(), w.nnz());
         check("weight rows", l.rows(), w.rows())?;
         check("packed input", l.src_len(), s.len())?;
-        check("output gradient", g.n * g.oh * g.ow * cols, dy.len())?;
-        if dx.is_none() && dw.is_none() {
-            return Ok(());
-        }
+        let dy_len = g.n * g.oh * g.ow * cols;
         let per_task = IMAGES_PER_TASK.div_ceil(self.images);
         let tasks = l.blocks().div_ceil(per_task);
         let (block_in, block_out) = (
             self.images * g.image_len(),
             self.images * g.oh * g.ow * cols,
         );
-        let dx_parts: Vec<Option<&mut [f32]>> = match dx {
-            Some(d) => {
-                check("input gradient", g.n * g.image_len(), d.len())?;
-                d.chunks_mut((per_task * block_in).max(1))
-                    .map(Some)
-                    .collect()
+        // Per task: its part of the input gradient, or of the buffer that holds both.
+        let (dy, parts): (&[f32], Vec<TaskIo<'_>>) = match io {
+            Gradients::Apart { dy, dx } => {
+                check("output gradient", dy_len, dy.len())?;
+                let parts = match dx {
+                    Some(d) => {
+                        check("input gradient", g.n * g.image_len(), d.len())?;
+                        d.chunks_mut((per_task * block_in).max(1))
+                            .map(|c| TaskIo::Apart(Some(c)))
+                            .collect()
+                    }
+                    None if dw.is_none() => return Ok(()),
+                    None => (0..tasks).map(|_| TaskIo::Apart(None)).collect(),
+                };
+                (dy, parts)
             }
-            None => (0..tasks).map(|_| None).collect(),
+            Gradients::InPlace(buf) => {
+                check("output gradient", dy_len, buf.len())?;
+                let parts = buf
+                    .chunks_mut((per_task * block_out).max(1))
+                    .map(TaskIo::InPlace)
+                    .collect();
+                (&[], parts)
+            }
         };
         let want_dw = dw.is_some() && nnz > 0;
         partials.clear();
@@ -358,11 +456,11 @@ impl ConvPlan {
             (0..tasks).map(|_| None).collect()
         };
         let isa = self.isa;
-        dx_parts
+        parts
             .into_par_iter()
             .zip(dw_parts)
             .enumerate()
-            .for_each_init(TaskScratch::default, |sc, (task, (mut dxp, dwp))| {
+            .for_each_init(TaskScratch::default, |sc, (task, (mut io, dwp))| {
                 let b0 = task * per_task;
                 let b1 = (b0 + per_task).min(l.blocks());
                 if dwp.is_some() {
@@ -370,14 +468,28 @@ impl ConvPlan {
                     sc.lanes.resize(nnz, [0.0; LANES]);
                 }
                 for b in b0..b1 {
-                    let dyb = &dy[b * block_out..][..block_out.min(dy.len() - b * block_out)];
-                    self.pack_output_grad(dyb, cols, &mut sc.dt);
-                    if let Some(dxp) = dxp.as_deref_mut() {
+                    let at = (b - b0) * block_out;
+                    // This block's input gradient (written after its output gradient is packed).
+                    let dx = match &mut io {
+                        TaskIo::Apart(dxp) => {
+                            let dyb =
+                                &dy[b * block_out..][..block_out.min(dy.len() - b * block_out)];
+                            self.pack_output_grad(dyb, cols, &mut sc.dt);
+                            dxp.as_deref_mut().map(|d| {
+                                let at = (b - b0) * block_in;
+                                let end = (at + block_in).min(d.len());
+                                &mut d[at..end]
+                            })
+                        }
+                        TaskIo::InPlace(buf) => {
+                            let end = (at + block_out).min(buf.len());
+                            self.pack_output_grad(&buf[at..end], cols, &mut sc.dt);
+                            Some(&mut buf[at..end])
+                        }
+                    };
+                    if let Some(imgs) = dx {
                         sc.ds.resize(block, 0.0);
                         products::input_grad_block(isa, l, w, &sc.dt, &mut sc.ds);
-                        let at = (b - b0) * block_in;
-                        let end = (at + block_in).min(dxp.len());
-                        let imgs = &mut dxp[at..end];
                         self.unpack_block(&sc.ds, imgs);
                     }
                     if dwp.is_some() {
@@ -401,12 +513,30 @@ impl ConvPlan {
     }
 }
 
-/// Where [`ConvPlan::backward_into`] writes the weight gradient.
-enum WeightGrad<'a> {
-    /// The dense matrix, zero at inactive positions.
+/// Where [`ConvPlan::backward_in_place`] writes the weight gradient.
+pub enum WeightGrad<'a> {
+    /// The dense `[kh·kw·cin, cout]` matrix, zero at inactive positions.
     Dense(&'a mut [f32]),
-    /// One value per active entry, in mask order.
+    /// One value per active entry, in mask order (`w.nnz()` values).
     Active(&'a mut [f32]),
+}
+
+/// Where the backward pass reads the output gradient and writes the input gradient.
+enum Gradients<'a> {
+    /// Separate buffers; no input gradient without `dx`.
+    Apart {
+        dy: &'a [f32],
+        dx: Option<&'a mut [f32]>,
+    },
+    /// One buffer: the output gradient on entry, the input gradient on exit.
+    InPlace(&'a mut [f32]),
+}
+
+/// One backward task's part of [`Gradients`]: its blocks' input gradients (if wanted), or its
+/// blocks' part of the shared buffer.
+enum TaskIo<'a> {
+    Apart(Option<&'a mut [f32]>),
+    InPlace(&'a mut [f32]),
 }
 
 /// Per-task buffers of [`ConvPlan::backward`].
@@ -529,12 +659,20 @@ mod tests {
             (ConvGeometry::new(23, 3, 3, 4, 3, 3, 1, 1).unwrap(), 5),
             (ConvGeometry::new(37, 4, 5, 3, 3, 3, 2, 1).unwrap(), 3),
             (ConvGeometry::new(70, 1, 1, 3, 3, 3, 1, 1).unwrap(), 2),
+            // Outputs as long as the inputs (the in-place passes apply): stride 1, several
+            // images per block with the last one partly filled, stride 2 with four times the
+            // channels, and a strided 1×1 convolution (pixels no tap reads).
+            (ConvGeometry::new(2, 6, 5, 4, 3, 3, 1, 1).unwrap(), 4),
+            (ConvGeometry::new(23, 3, 3, 4, 3, 3, 1, 1).unwrap(), 4),
+            (ConvGeometry::new(2, 4, 4, 2, 3, 3, 2, 1).unwrap(), 8),
+            (ConvGeometry::new(2, 8, 6, 2, 1, 1, 2, 0).unwrap(), 8),
         ]
     }
 
     #[test]
     fn products_match_the_definition() {
         let pool = thread_pool(2);
+        let mut in_place = 0;
         for (i, (g, cout)) in geometries().into_iter().enumerate() {
             let (k, xs, ys) = (g.patch(), g.n * g.image_len(), g.rows() * cout);
             for density in [0.0, -1.0, 0.01, 0.1, 0.5, 1.0] {
@@ -580,6 +718,29 @@ mod tests {
                             .unwrap();
                     });
                     assert_eq!((&dx, &dw), (&dx2, &dw2), "{what}");
+                    // Written over the input (output gradient): the same bits.
+                    let mut buf = x.clone();
+                    let mut s3 = Vec::new();
+                    let fwd =
+                        pool.install(|| plan.forward_in_place(&w, &mut buf, Some(&bias), &mut s3));
+                    if plan.in_place(cout) {
+                        in_place += 1;
+                        fwd.unwrap();
+                        assert_eq!((&buf, &s3), (&y, &s2), "in-place forward {what}");
+                        let mut buf = dy.clone();
+                        let mut dw3 = vec![f32::NAN; k * cout];
+                        pool.install(|| {
+                            let dw = Some(WeightGrad::Dense(&mut dw3));
+                            plan.backward_in_place(&w, &s2, &mut buf, dw, &mut parts)
+                        })
+                        .unwrap();
+                        assert_eq!((&buf, &dw3), (&dx, &dw), "in-place backward {what}");
+                    } else {
+                        assert!(fwd.is_err(), "{what}: in place with other lengths");
+                        let mut buf = dy.clone();
+                        let back = plan.backward_in_place(&w, &s2, &mut buf, None, &mut parts);
+                        assert!(back.is_err(), "{what}: in place with other lengths");
+                    }
                     let mut want = naive.forward(&x, &wv);
                     for (p, v) in want.iter_mut().enumerate() {
                         *v += f64::from(bias[p % cout]);
@@ -597,6 +758,8 @@ mod tests {
                 }
             }
         }
+        // Four geometries × six densities × two instruction sets ran in place.
+        assert_eq!(in_place, 4 * 6 * 2);
     }
 
     #[test]

@@ -31,7 +31,7 @@ mod simd;
 mod transpose;
 mod weight;
 
-pub use conv::ConvPlan;
+pub use conv::{ConvPlan, WeightGrad};
 pub use layout::Layout;
 pub use matrix::{MAX_PANEL, MatrixPlan, matmul, matmul_transposed, weight_grad};
 pub use simd::Isa;

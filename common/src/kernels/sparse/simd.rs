@@ -19,7 +19,7 @@
 //! fallback on other CPUs and is tested on every machine.
 //!
 //! Every loop computes each output with the same operations in the same order whatever the
-//! grouping (a run of 4 entries computes each entry exactly as 4 single entries would), so
+//! grouping (a run of 4 or 8 entries computes each entry exactly as single entries would), so
 //! results do not depend on how callers split the work.
 #![allow(unsafe_code)]
 
@@ -100,9 +100,44 @@ fn axpy_runs<A: Arith>(
 ) {
     let len = dst.len();
     let run = |e: usize| &src[off(e)..][..len];
-    let mut quads = vals.chunks_exact(4);
     let mut e = 0;
     let mut fresh = init;
+    // Eight entries per pass while they last: one load and store of `dst` per eight
+    // multiply-adds instead of per four.
+    let (octets, rest) = vals.as_chunks::<8>();
+    for v in octets {
+        let s: [&[f32]; 8] = std::array::from_fn(|i| run(e + i));
+        let lanes = dst
+            .iter_mut()
+            .zip(s[0])
+            .zip(s[1])
+            .zip(s[2])
+            .zip(s[3])
+            .zip(s[4])
+            .zip(s[5])
+            .zip(s[6])
+            .zip(s[7]);
+        // The first multiply-add of a fresh `dst` adds to zero (same bits as a zeroed `dst`).
+        let octet = |d: f32, x: [f32; 8]| {
+            let mut acc = A::madd(v[0], x[0], d);
+            for i in 1..8 {
+                acc = A::madd(v[i], x[i], acc);
+            }
+            acc
+        };
+        if fresh {
+            for ((((((((d, x0), x1), x2), x3), x4), x5), x6), x7) in lanes {
+                *d = octet(0.0, [*x0, *x1, *x2, *x3, *x4, *x5, *x6, *x7]);
+            }
+        } else {
+            for ((((((((d, x0), x1), x2), x3), x4), x5), x6), x7) in lanes {
+                *d = octet(*d, [*x0, *x1, *x2, *x3, *x4, *x5, *x6, *x7]);
+            }
+        }
+        fresh = false;
+        e += 8;
+    }
+    let mut quads = rest.chunks_exact(4);
     for v in quads.by_ref() {
         let (s0, s1, s2, s3) = (run(e), run(e + 1), run(e + 2), run(e + 3));
         let lanes = dst.iter_mut().zip(s0).zip(s1).zip(s2).zip(s3);
@@ -446,11 +481,13 @@ mod tests {
         let src: Vec<f32> = (0..400)
             .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
             .collect();
-        let row_off = [0usize, 5, 90, 200, 300, 7, 11];
-        let rows = [0u32, 1, 2, 3, 4, 5, 6];
-        let vals = [0.5f32, -1.0, 2.0, 0.25, 1.5, -0.75, 3.0];
+        let row_off = [0usize, 5, 90, 200, 300, 7, 11, 42, 150, 3, 250, 61, 120];
+        let rows: Vec<u32> = (0..row_off.len() as u32).collect();
+        let vals = [
+            0.5f32, -1.0, 2.0, 0.25, 1.5, -0.75, 3.0, -0.5, 1.25, 0.125, -2.0, 0.75, 1.0,
+        ];
         for isa in [Isa::portable(), Isa::detect()] {
-            // gather_rows overwrites (for 0 to 7 entries: empty, quads, singles, both).
+            // gather_rows overwrites (0 to 13 entries: empty, octets, quads, singles, mixes).
             for n in 0..=rows.len() {
                 let mut dst = vec![f32::NAN; len];
                 gather_rows(isa, &mut dst, &src, &rows[..n], &vals[..n], &row_off);
@@ -462,12 +499,28 @@ mod tests {
                         .sum();
                     assert!((f64::from(*d) - r).abs() < 1e-5, "{}", isa.name());
                 }
+                // Entry by entry (one, then accumulating one at a time): the same bits.
+                if n > 0 {
+                    let mut one = vec![f32::NAN; len];
+                    gather_rows(isa, &mut one, &src, &rows[..1], &vals[..1], &row_off);
+                    for e in 1..n {
+                        let off = [row_off[e] as u32];
+                        gather_cols(isa, &mut one, &src, &off, &vals[e..=e], 1);
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&one), bits(&dst), "{} entries, {}", n, isa.name());
+                }
             }
-            // gather_cols accumulates.
+            // gather_cols accumulates (ten entries: an octet and two singles).
             let mut dst = vec![1.0f32; len];
-            let cols = [3u32, 0, 7, 1, 2];
-            gather_cols(isa, &mut dst, &src, &cols, &vals[..5], 40);
+            let cols = [3u32, 0, 7, 1, 2, 8, 4, 6, 5, 9];
+            gather_cols(isa, &mut dst, &src, &cols, &vals[..10], 40);
+            let mut one = vec![1.0f32; len];
+            for (c, v) in cols.iter().zip(&vals) {
+                gather_cols(isa, &mut one, &src, &[*c], &[*v], 40);
+            }
             for (j, d) in dst.iter().enumerate() {
+                assert_eq!(d.to_bits(), one[j].to_bits(), "{}", isa.name());
                 let r: f64 = 1.0
                     + cols
                         .iter()
