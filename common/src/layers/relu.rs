@@ -24,12 +24,20 @@ impl Relu {
     }
 }
 
-/// A copy of `t` (standard layout) in `buf`'s allocation.
+/// A copy of `t` (standard layout) in `buf`'s allocation, copied in parallel. `buf`'s values
+/// are all overwritten: only a part beyond its current length is zeroed first.
 pub(super) fn copy_into(t: &Tensor, mut buf: Vec<f32>) -> Result<Tensor> {
-    buf.clear();
     match t.as_slice() {
-        Some(s) => buf.extend_from_slice(s),
-        None => buf.extend(t.iter().copied()),
+        Some(s) => {
+            buf.resize(s.len(), 0.0);
+            buf.par_chunks_mut(TASK_ELEMS)
+                .zip(s.par_chunks(TASK_ELEMS))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        }
+        None => {
+            buf.clear();
+            buf.extend(t.iter().copied());
+        }
     }
     from_vec(t.shape(), buf)
 }
