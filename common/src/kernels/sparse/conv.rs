@@ -292,14 +292,8 @@ impl ConvPlan {
         bias: Option<&[f32]>,
         s: &mut Vec<f32>,
     ) -> Result<()> {
-        let (g, cols) = (&self.g, w.cols());
-        if !self.in_place(cols) {
-            return Err(Error::shape(
-                "sparse conv in place",
-                format!("output of {} values per image", g.image_len()),
-                g.oh * g.ow * cols,
-            ));
-        }
+        let g = &self.g;
+        self.check_in_place(w.cols())?;
         self.check_forward(w, bias, s)?;
         check("input", g.n * g.image_len(), buf.len())?;
         buf.par_chunks_mut((self.images * g.image_len()).max(1))
@@ -309,6 +303,22 @@ impl ConvPlan {
                 self.block_output(w, sb, bias, t, b);
             });
         Ok(())
+    }
+
+    /// Fails unless [`ConvPlan::in_place`] holds for `cols` output channels.
+    fn check_in_place(&self, cols: usize) -> Result<()> {
+        let g = &self.g;
+        if self.in_place(cols) {
+            return Ok(());
+        }
+        Err(Error::shape(
+            "sparse conv in place",
+            format!(
+                "{} output values per image (as many as input values)",
+                g.image_len()
+            ),
+            g.oh * g.ow * cols,
+        ))
     }
 
     /// The checks shared by the forward passes; resizes `s` to the packed input.
@@ -392,14 +402,7 @@ impl ConvPlan {
         dw: Option<WeightGrad<'_>>,
         partials: &mut Vec<f32>,
     ) -> Result<()> {
-        if !self.in_place(w.cols()) {
-            let g = &self.g;
-            return Err(Error::shape(
-                "sparse conv in place",
-                format!("output gradient of {} values per image", g.image_len()),
-                g.oh * g.ow * w.cols(),
-            ));
-        }
+        self.check_in_place(w.cols())?;
         self.backward_into(w, s, Gradients::InPlace(buf), dw, partials)
     }
 
