@@ -4,6 +4,8 @@
 //! and `[N, F]` for features. Dynamic rank keeps the [`crate::layers::Layer`] trait object-safe
 //! and costs nothing measurable next to the kernels.
 
+use rayon::iter::ParallelExtend;
+
 /// A dense activation or gradient tensor.
 pub type Tensor = ndarray::ArrayD<f32>;
 
@@ -67,10 +69,52 @@ pub fn into_vec(t: Tensor) -> Vec<f32> {
     t.iter().copied().collect()
 }
 
+/// Buffers at least this long are zero-filled by the pool's threads ([`zeros`]).
+pub const PARALLEL_ZEROS: usize = 1 << 16;
+
+/// `len` zeros. A long buffer is filled by the rayon pool's threads, each writing its own part:
+/// `vec![0.0; len]` below the allocator's mmap threshold is one `memset` on the calling thread
+/// while the others wait (in a `vgg11` width-¼ step at d = 0.1 the outputs' zero-fills were 6 %
+/// of the samples).
+pub fn zeros(len: usize) -> Vec<f32> {
+    if len < PARALLEL_ZEROS {
+        return vec![0.0; len];
+    }
+    let mut v = Vec::with_capacity(len);
+    v.par_extend(rayon::iter::repeat_n(0.0f32, len));
+    v
+}
+
 /// A buffer of `len` values in the allocation taken from `spare` (left empty), which grows only
 /// when too small. The values are left over from earlier use: the caller overwrites every one.
 pub fn reuse(spare: &mut Vec<f32>, len: usize) -> Vec<f32> {
     let mut v = std::mem::take(spare);
     v.resize(len, 0.0);
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeros_are_zeros_at_every_length() {
+        for len in [
+            0,
+            1,
+            PARALLEL_ZEROS - 1,
+            PARALLEL_ZEROS,
+            3 * PARALLEL_ZEROS + 7,
+        ] {
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let v = pool.install(|| zeros(len));
+                assert_eq!(v.len(), len);
+                assert!(v.iter().all(|x| x.to_bits() == 0), "len {len}");
+            }
+        }
+    }
 }

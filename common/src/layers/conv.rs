@@ -14,7 +14,7 @@ use crate::kernels::{ConvGeometry, gemm, im2col, reduce};
 use crate::mask::Mask;
 use crate::param::{Param, Role};
 use crate::rng::Rng;
-use crate::tensor::{Mode, Tensor, contiguous, from_vec, into_vec};
+use crate::tensor::{Mode, Tensor, contiguous, from_vec, into_vec, zeros};
 use crate::{Error, Result};
 
 /// A square-kernel 2-D convolution. The weight is stored `[k, k, cin, cout]`, which is the
@@ -272,7 +272,7 @@ impl Conv2d {
             (buf, result)
         } else {
             let x = contiguous(x);
-            let mut out = vec![0.0f32; g.rows() * self.cout];
+            let mut out = zeros(g.rows() * self.cout);
             let x = x.as_slice().unwrap_or(&[]);
             let result = plan.forward(w, x, bias, &mut packed, &mut out);
             (out, result)
@@ -329,7 +329,7 @@ impl Conv2d {
         if dense_grad {
             // The full gradient, pruned positions included: im2col of the (unpacked) input.
             let dw = self.weight.dense_grad_buffer()?;
-            let mut x = vec![0.0f32; g.n * g.image_len()];
+            let mut x = zeros(g.n * g.image_len());
             plan.unpack_input(packed, &mut x)?;
             let cols = if g.is_pointwise() {
                 x
@@ -370,7 +370,7 @@ impl Conv2d {
         }
         // Overwritten by the kernel; a fresh buffer (see [`Conv2d`]).
         let mut dx = if self.input_grad {
-            vec![0.0f32; g.n * g.image_len()]
+            zeros(g.n * g.image_len())
         } else {
             Vec::new()
         };
@@ -405,7 +405,7 @@ impl Conv2d {
     /// The output buffer of `rows` pixels, holding the bias in every row if there is one
     /// (then products accumulate into it), and whether there is.
     fn output_with_bias(&self, rows: usize) -> (Vec<f32>, bool) {
-        let mut out = vec![0.0f32; rows * self.cout];
+        let mut out = zeros(rows * self.cout);
         let bias = self.bias.as_ref().and_then(|b| b.value.as_slice());
         if let Some(b) = bias {
             for row in out.chunks_mut(self.cout) {
@@ -641,7 +641,7 @@ impl Conv2d {
             return from_vec(&[g.n, g.h, g.w, g.c], cols);
         }
         // Overwritten by col2im; the one fresh buffer of the step (see [`Conv2d`]).
-        let mut dx = vec![0.0f32; g.n * g.image_len()];
+        let mut dx = zeros(g.n * g.image_len());
         im2col::col2im(&cols, &g, &mut dx);
         self.scratch = cols;
         from_vec(&[g.n, g.h, g.w, g.c], dx)

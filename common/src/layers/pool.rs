@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::{OpInfo, OpKind, expect_grad};
 use crate::kernels::ConvGeometry;
-use crate::tensor::{Mode, Tensor, contiguous, from_vec, into_vec, reuse};
+use crate::tensor::{Mode, Tensor, contiguous, from_vec, into_vec, reuse, zeros};
 use crate::{Error, Result};
 
 /// Max pooling with a square window and no padding. Training keeps the arg-max of every output.
@@ -130,7 +130,7 @@ impl super::Layer for MaxPool2d {
         let dy = into_vec(grad);
         let out_img = g.oh * g.ow * g.c;
         // Accumulated into: starts at zero. The one fresh buffer of the step.
-        let mut dx = vec![0.0f32; g.n * g.image_len()];
+        let mut dx = zeros(g.n * g.image_len());
         if out_img > 0 && g.image_len() > 0 {
             dx.par_chunks_mut(g.image_len())
                 .zip(dy.par_chunks(out_img))
@@ -220,7 +220,7 @@ impl super::Layer for GlobalAvgPool {
         let g = contiguous(grad);
         let gs = g.as_slice().unwrap_or(&[]);
         let inv = 1.0 / hw.max(1) as f32;
-        let mut dx = vec![0.0f32; n * hw * c];
+        let mut dx = zeros(n * hw * c);
         if hw > 0 && c > 0 {
             for (img, gi) in dx.chunks_mut(hw * c).zip(gs.chunks(c)) {
                 for px in img.chunks_mut(c) {
