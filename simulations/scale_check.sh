@@ -16,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 data_dir="${1:-../shared/data/fashion-mnist}"
 out="${OUT:-$(mktemp -d -t fedtiny-scale.XXXXXX)}"
+mkdir -p "$out"
 target="${CARGO_TARGET_DIR:-target}"
 
 cargo build --release -p fedtiny-simulations --bin fedtiny-sim
