@@ -375,15 +375,7 @@ impl Conv2d {
             Vec::new()
         };
         let dx_out = self.input_grad.then_some(dx.as_mut_slice());
-        match dw_out {
-            Some(WeightGrad::Active(dw)) => {
-                plan.backward_active(w, packed, &dy, dx_out, Some(dw), partials)?
-            }
-            Some(WeightGrad::Dense(dw)) => {
-                plan.backward(w, packed, &dy, dx_out, Some(dw), partials)?
-            }
-            None => plan.backward(w, packed, &dy, dx_out, None, partials)?,
-        }
+        plan.backward_with(w, packed, &dy, dx_out, dw_out, partials)?;
         Ok(dx)
     }
 }

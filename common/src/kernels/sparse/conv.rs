@@ -268,7 +268,7 @@ impl ConvPlan {
         y: &mut [f32],
     ) -> Result<()> {
         let (g, cols) = (&self.g, w.cols());
-        self.check_forward(w, bias, s)?;
+        self.begin_forward(w, bias, s)?;
         check("input", g.n * g.image_len(), x.len())?;
         check("output", g.n * g.oh * g.ow * cols, y.len())?;
         y.par_chunks_mut((self.images * g.oh * g.ow * cols).max(1))
@@ -294,7 +294,7 @@ impl ConvPlan {
     ) -> Result<()> {
         let g = &self.g;
         self.check_in_place(w.cols())?;
-        self.check_forward(w, bias, s)?;
+        self.begin_forward(w, bias, s)?;
         check("input", g.n * g.image_len(), buf.len())?;
         buf.par_chunks_mut((self.images * g.image_len()).max(1))
             .zip(s.par_chunks_mut(self.layout.block_len().max(1)))
@@ -321,8 +321,8 @@ impl ConvPlan {
         ))
     }
 
-    /// The checks shared by the forward passes; resizes `s` to the packed input.
-    fn check_forward(
+    /// The checks shared by the forward passes, then `s` resized to the packed input.
+    fn begin_forward(
         &self,
         w: &SparseWeight,
         bias: Option<&[f32]>,
@@ -371,23 +371,22 @@ impl ConvPlan {
         dw: Option<&mut [f32]>,
         partials: &mut Vec<f32>,
     ) -> Result<()> {
-        let io = Gradients::Apart { dy, dx };
-        self.backward_into(w, s, io, dw.map(WeightGrad::Dense), partials)
+        self.backward_with(w, s, dy, dx, dw.map(WeightGrad::Dense), partials)
     }
 
-    /// [`ConvPlan::backward`] with the weight gradient written one value per active entry, in
-    /// mask order (`w.nnz()` values): the same sums, without a dense matrix.
-    pub fn backward_active(
+    /// [`ConvPlan::backward`] with the weight gradient written where `dw` says: the dense
+    /// matrix, or one value per active entry in mask order (`w.nnz()` values, the same sums
+    /// without a dense matrix).
+    pub fn backward_with(
         &self,
         w: &SparseWeight,
         s: &[f32],
         dy: &[f32],
         dx: Option<&mut [f32]>,
-        dw: Option<&mut [f32]>,
+        dw: Option<WeightGrad<'_>>,
         partials: &mut Vec<f32>,
     ) -> Result<()> {
-        let io = Gradients::Apart { dy, dx };
-        self.backward_into(w, s, io, dw.map(WeightGrad::Active), partials)
+        self.backward_into(w, s, Gradients::Apart { dy, dx }, dw, partials)
     }
 
     /// [`ConvPlan::backward`] (`dw` a [`WeightGrad`]) with the input gradient written over the
@@ -471,7 +470,6 @@ impl ConvPlan {
                     sc.lanes.resize(nnz, [0.0; LANES]);
                 }
                 for b in b0..b1 {
-                    let at = (b - b0) * block_out;
                     // This block's input gradient (written after its output gradient is packed).
                     let dx = match &mut io {
                         TaskIo::Apart(dxp) => {
@@ -485,6 +483,7 @@ impl ConvPlan {
                             })
                         }
                         TaskIo::InPlace(buf) => {
+                            let at = (b - b0) * block_out;
                             let end = (at + block_out).min(buf.len());
                             self.pack_output_grad(&buf[at..end], cols, &mut sc.dt);
                             Some(&mut buf[at..end])
@@ -516,7 +515,8 @@ impl ConvPlan {
     }
 }
 
-/// Where [`ConvPlan::backward_in_place`] writes the weight gradient.
+/// Where [`ConvPlan::backward_with`] and [`ConvPlan::backward_in_place`] write the weight
+/// gradient.
 pub enum WeightGrad<'a> {
     /// The dense `[kh·kw·cin, cout]` matrix, zero at inactive positions.
     Dense(&'a mut [f32]),
